@@ -1,0 +1,32 @@
+"""ctxjax: pretraining and extending long-context language models in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ctxjax",
+    version="0.1.0",
+    description="Long-context LM pretraining and extension in JAX: SkyLadder, document masks, "
+    "RoPE extension, context parallelism, Pallas attention kernels.",
+    packages=find_packages(include=["ctxjax", "ctxjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "array-record",
+        "tensorstore",
+        "ml-collections",
+        "numpy",
+        "tokenizers",
+        "sentencepiece",
+        "pyarrow",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "hf": ["transformers>=5", "torch", "safetensors"],
+    },
+)
