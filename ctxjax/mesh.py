@@ -1,0 +1,147 @@
+"""The device mesh and the one table mapping logical axis names to mesh axes.
+
+Model code names logical axes only ('batch', 'seq', 'embed', 'heads', ...); this module alone
+knows which mesh axis each one lands on. Mesh axes:
+  data    - pure data parallelism (replicated params)
+  fsdp    - data parallelism with params/optimizer state sharded (ZeRO-3)
+  tensor  - heads and MLP hidden units split across devices
+  context - the sequence split across devices (ring / all-gather attention)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+# logical axis -> mesh axis (or axes); None = replicated. Activations and params share the table.
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "seq": "context",
+    "act_embed": None,  # activations' model dim stays whole
+    "embed": "fsdp",  # params' model dim: FSDP shards it
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+
+def _resolve_sizes(sizes: dict[str, int], num_devices: int, what: str) -> dict[str, int]:
+    sizes = dict(sizes)
+    unknown = [a for a, s in sizes.items() if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"{what}: only one axis may be -1 (the rest of the devices); got {unknown}.")
+    for axis, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"{what}: axis {axis!r} has size {size!r}; use a positive int or -1.")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"{what}: the fixed axes {sizes} (product {known}) do not divide the "
+                             f"{num_devices} devices; change the mesh sizes.")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"{what}: mesh {sizes} needs {math.prod(sizes.values())} devices but "
+                         f"{num_devices} are available; make the product of the mesh axes equal "
+                         f"{num_devices} (or set one axis to -1).")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh from a config with ints `data, fsdp, tensor, context` (one may be -1) and, for
+    multi-slice pods, `dcn_data, dcn_fsdp` (slices along data / fsdp over the data-centre network)."""
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = {"data": int(mesh_cfg.get("dcn_data", 1)), "fsdp": int(mesh_cfg.get("dcn_fsdp", 1))}
+    num_slices = dcn["data"] * dcn["fsdp"]
+    ici = {a: mesh_cfg[a] for a in MESH_AXES}
+    if len(devices) % num_slices:
+        raise ValueError(f"mesh: {len(devices)} devices do not split into dcn_data x dcn_fsdp = {num_slices} slices.")
+    ici = _resolve_sizes(ici, len(devices) // num_slices, "mesh (per slice)")
+    shape = [ici[a] * dcn.get(a, 1) for a in MESH_AXES]
+    if num_slices > 1:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [ici[a] for a in MESH_AXES], [dcn.get(a, 1) for a in MESH_AXES], devices=devices)
+    else:
+        try:
+            from jax.experimental import mesh_utils
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: dict[str, Any] = LOGICAL_RULES) -> P:
+    """PartitionSpec for a tuple of logical axis names (each mesh axis used at most once)."""
+    used, spec = set(), []
+    for name in logical_axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule; add it to ctxjax.mesh.LOGICAL_RULES.")
+        target = rules[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*spec)
+
+
+def active_mesh():
+    """The (abstract) mesh set with `jax.set_mesh`, inside or outside jit; None when none is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """Sharding constraint by logical names; a no-op when no mesh is active."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def attention_axes(mesh) -> dict[str, Any]:
+    """Mesh axes of an attention input [batch, seq, heads, head_dim], for shard_map wrappers."""
+    spec = logical_to_spec(("batch", "seq", "heads"))
+    present = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
+    return dict(batch_axes=present(spec[0]), head_axis=(present(spec[2]) or (None,))[0],
+                context_axis=(present(spec[1]) or (None,))[0])
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes))
+
+
+def tree_shardings(mesh: Mesh, logical_tree):
+    """Map a pytree of logical-axis tuples (PartitionSpecs of names) to NamedShardings."""
+    is_leaf = lambda x: isinstance(x, P) or (isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+    return jax.tree.map(lambda axes: named_sharding(mesh, tuple(axes)), logical_tree, is_leaf=is_leaf)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [batch, seq] input array: batch over data+fsdp, sequence over context."""
+    return named_sharding(mesh, ("batch", "seq"))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy rows -> global jax.Arrays (each process contributes its own rows)."""
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(x)) for name, x in batch.items()}
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+    """Activate a mesh for jit/constrain/attention (jax.set_mesh as a context manager)."""
+    with jax.set_mesh(mesh):
+        yield mesh

@@ -1,0 +1,59 @@
+"""Cross-entropy without materialising [tokens, vocab] logits: the vocabulary is processed in
+chunks with an online logsumexp, and each chunk's logits are recomputed in the backward pass."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_targets(tokens, segment_ids):
+    """Targets and weights for next-token prediction inside each document of a packed row.
+
+    Position i predicts tokens[i+1] when both lie in the same (non-padding) document."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    next_segment = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+    weights = (segment_ids != 0) & (next_segment == segment_ids)
+    return targets, weights.astype(jnp.float32)
+
+
+def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 8192):
+    """Per-token (loss, logsumexp), float32 [B, T]; hidden [B, T, d], head_weight [d, V].
+
+    Peak memory is [B, T, vocab_chunk] instead of [B, T, V]."""
+    d, vocab = head_weight.shape
+    vocab_chunk = min(vocab_chunk, vocab)
+    pad = (-vocab) % vocab_chunk
+    w = jnp.pad(head_weight, ((0, 0), (0, pad))).astype(hidden.dtype)
+    n_chunks = (vocab + pad) // vocab_chunk
+    w = w.reshape(d, n_chunks, vocab_chunk).transpose(1, 0, 2)  # [n_chunks, d, chunk]
+
+    @jax.checkpoint  # keep only the running statistics; recompute each chunk's logits backward
+    def step(carry, xs):
+        running_max, running_sum, target_logit = carry
+        w_chunk, start = xs
+        logits = jnp.einsum("btd,dv->btv", hidden, w_chunk, preferred_element_type=jnp.float32)
+        column = start + jnp.arange(vocab_chunk)
+        logits = jnp.where(column < vocab, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, logits.max(-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
+        in_chunk = (targets >= start) & (targets < start + vocab_chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(targets - start, 0, vocab_chunk - 1)[..., None], -1)[..., 0]
+        target_logit = jnp.where(in_chunk, picked, target_logit)
+        return (new_max, running_sum, target_logit), None
+
+    b, t = targets.shape
+    init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
+    (m, s, target_logit), _ = jax.lax.scan(step, init, (w, jnp.arange(n_chunks) * vocab_chunk))
+    lse = m + jnp.log(s)
+    return lse - target_logit, lse
+
+
+def lm_loss(hidden, head_weight, tokens, segment_ids, *, vocab_chunk: int = 8192, z_loss: float = 0.0):
+    """Mean next-token loss over real (non-padding, same-document) targets, plus the
+    optional z-loss; returns (total, dict of metrics)."""
+    targets, weights = next_token_targets(tokens, segment_ids)
+    per_token, lse = chunked_cross_entropy(hidden, head_weight, targets, vocab_chunk=vocab_chunk)
+    n = jnp.maximum(weights.sum(), 1.0)
+    ce = (per_token * weights).sum() / n
+    z = (jnp.square(lse) * weights).sum() / n
+    return ce + z_loss * z, {"loss": ce, "z_loss": z, "tokens": weights.sum()}
