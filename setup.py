@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Long-context LM pretraining and extension in JAX: SkyLadder, document masks, "
     "RoPE extension, context parallelism, Pallas attention kernels.",
-    packages=find_packages(include=["ctxjax", "ctxjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    packages=find_packages(include=["ctxjax", "ctxjax.*", "pallas_kernels", "pallas_kernels.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

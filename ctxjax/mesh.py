@@ -145,3 +145,18 @@ def use_mesh(mesh: Mesh):
     """Activate a mesh for jit/constrain/attention (jax.set_mesh as a context manager)."""
     with jax.set_mesh(mesh):
         yield mesh
+
+
+def check_divisible(shapes, logical_tree, mesh, what: str = "param") -> None:
+    """Every dimension must split evenly over the mesh axes its logical name maps to."""
+    flat_axes = dict(jax.tree_util.tree_leaves_with_path(logical_tree, is_leaf=lambda x: isinstance(x, tuple)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        axes = flat_axes[path]
+        for dim, (size, name) in enumerate(zip(leaf.shape, axes)):
+            mesh_axes = logical_to_spec((name,))[0] if name else None
+            mesh_axes = () if mesh_axes is None else ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes)
+            ways = math.prod(mesh.shape[a] for a in mesh_axes)
+            if size % ways:
+                raise ValueError(f"{what} {jax.tree_util.keystr(path)} dim {dim} ({name!r}, size {size}) does not "
+                                 f"split over mesh axes {mesh_axes} = {ways} devices; change that model size "
+                                 f"(e.g. pad the vocabulary to a multiple of {ways}) or the mesh.")

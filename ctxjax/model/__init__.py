@@ -1,7 +1,8 @@
 """The Llama-family model, its RoPE family, and the training loss."""
 import ml_collections
 
-from ctxjax.model.llama import Llama, count_params, head_dim_of, logical_axes, matmul_flops_per_token  # noqa: F401
+from ctxjax.model.llama import (  # noqa: F401
+    Llama, count_params, head_dim_of, init_params, logical_axes, matmul_flops_per_token)
 from ctxjax.model.loss import chunked_cross_entropy, lm_loss, next_token_targets  # noqa: F401
 
 

@@ -168,7 +168,8 @@ class Llama(nnx.Module):
             rope_positions = token_index
         cos, sin = rope_lib.rope_cos_sin(rope_positions, cfg.rope.to_dict(), head_dim_of(cfg),
                                          cfg.max_position_embeddings)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        table = constrain(self.embed[...], (None, None))  # gathered whole for the lookup, as FSDP does
+        x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
         windows, chunks = self._per_layer_mask_terms(window, window_mask)
         base_mask = MaskSpec(causal=True, q_segment_ids=segment_ids if cfg.document_mask else None,
@@ -214,3 +215,11 @@ def matmul_flops_per_token(cfg) -> float:
     if cfg.tie_embeddings:
         matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
     return 6.0 * matmul_params
+
+
+def init_params(cfg, seed: int = 0, shardings=None):
+    """(graphdef, params as a pure dict), created under jit: fast, and directly in `shardings`
+    (a matching tree of shardings) when given, so no device ever holds the whole model."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed))))
+    create = lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed)), nnx.Param))
+    return graphdef, jax.jit(create, out_shardings=shardings)()

@@ -1,0 +1,191 @@
+"""The main job: exact resume, no recompilation on a new window, outputs, the loss and FLOPs
+helpers, config errors, and two processes training together."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ctxjax
+from ctxjax import train
+from ctxjax.config import load_config, set_by_path
+from ctxjax.model import chunked_cross_entropy
+from pallas_kernels.mask import MaskSpec, allowed_pair_count
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(steps=6, **overrides):
+    config = load_config(os.path.join(REPO, "configs", "tiny_cpu.py"))
+    config.model.update(dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64))
+    config.train.update(dict(seq_len=64, global_batch_size=4, steps=steps, log_every=1, plot=False))
+    config.optim.warmup_steps = 1
+    config.checkpoint.update(dict(every=3, async_save=False))
+    config.eval.update(dict(every=0, batches=1, batch_size=2))
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    for key, value in overrides.items():
+        set_by_path(config, key, value)
+    return config
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_exact_resume_is_bit_identical(tmp_path):
+    """2N steps straight == N steps, stop, resume to 2N: same params and losses, bit for bit."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.train_and_evaluate(tiny_config(), straight)
+    train.train_and_evaluate(tiny_config(), split, stop_after=3)
+    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["3"]
+    train.train_and_evaluate(tiny_config(), split)
+
+    losses = lambda w: [(r["step"], r["loss"]) for r in read_metrics(w) if "loss" in r]
+    assert losses(straight) == losses(split) and len(losses(straight)) == 6
+    (model_a, config_a), (model_b, _) = ctxjax.load_model(straight), ctxjax.load_model(split)
+    for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+        np.testing.assert_array_equal(a, b)
+
+    # load_model gives a model whose logits reproduce the run's final eval loss
+    from ctxjax.data import make_eval_batches
+    from ctxjax.model import lm_loss
+    batch = make_eval_batches(config_a.data, seq_len=64, batch_size=2, num_batches=1)[0]
+    logits = model_a(batch["tokens"])
+    assert logits.shape == (2, 64, config_a.model.vocab_size)
+    hidden = model_a.hidden_states(batch["tokens"], batch["segment_ids"], batch["token_index"],
+                                   batch["rope_positions"])
+    loss = lm_loss(hidden, model_a.head_weight(), batch["tokens"], batch["segment_ids"])[0]
+    assert np.isclose(float(loss), read_metrics(straight)[-1]["eval_loss"], rtol=1e-4)
+
+
+def test_outputs_and_falling_loss(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(steps=12, **{"train.plot": True, "optim.lr": 3e-3})
+    final = train.train_and_evaluate(config, workdir)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    for key in ("step", "loss", "lr", "window", "tokens_per_s", "mfu"):
+        assert key in rows[0]
+    assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.5
+    windows = [r["window"] for r in rows]
+    assert windows == sorted(windows) and windows[0] < windows[-1] == 64  # SkyLadder climbs to L
+    assert os.path.getsize(os.path.join(workdir, "metrics.png")) > 10_000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert np.isfinite(final["eval_loss"])
+
+
+def test_new_window_does_not_recompile():
+    config = tiny_config()
+    from ctxjax import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tx, lr = train.make_optimizer(config.optim, config.train.steps)
+    with mesh_lib.use_mesh(mesh):
+        param_sh, opt_sh = train.state_shardings(config.model, tx, mesh)
+        graphdef, params, opt_state = train.init_state(config.model, tx, 0, param_sh, opt_sh)
+        step_fn = jax.jit(train.make_train_step(graphdef, tx, lr, config))
+        rng = np.random.default_rng()
+        batch = dict(tokens=rng.integers(0, 259, (4, 64)), segment_ids=np.ones((4, 64)),
+                     token_index=np.tile(np.arange(64), (4, 1)), rope_positions=np.tile(np.arange(64), (4, 1)))
+        batch = mesh_lib.shard_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh)
+        losses = []
+        for step, window in enumerate([8, 16, 24, 40, 64]):
+            params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step), jnp.int32(window))
+            losses.append(float(metrics["loss"]))
+    assert step_fn._cache_size() == 1
+    assert len(set(losses)) == 5  # the window really changed the computation
+
+
+def test_attended_pairs_matches_the_mask_algebra():
+    """The O(L) FLOP count used for MFU equals a dense count of the same mask."""
+    rng = np.random.default_rng()
+    b, t = 3, 96
+    seg = np.sort(rng.integers(1, 5, (b, t)), axis=1).astype(np.int32)
+    seg[0, -7:] = 0
+    idx = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    for window, chunk, sinks in [(None, None, 0), (9, None, 0), (None, 16, 2), (13, 32, 3)]:
+        for documents in (True, False):
+            got = train.attended_pairs(jnp.asarray(idx), jnp.asarray(seg), window=window, chunk=chunk,
+                                       sinks=sinks, documents=documents)
+            spec = MaskSpec(q_segment_ids=jnp.asarray(seg) if documents else None, window=window, chunk=chunk,
+                            sinks=sinks)
+            assert float(got) == float(allowed_pair_count(spec, b, t, t)), (window, chunk, sinks, documents)
+
+
+def test_chunked_cross_entropy_matches_float64():
+    rng = np.random.default_rng()
+    hidden, w = rng.standard_normal((2, 10, 16)), rng.standard_normal((16, 77)) * 0.3
+    targets = rng.integers(0, 77, (2, 10))
+    loss, lse = chunked_cross_entropy(jnp.asarray(hidden, jnp.float32), jnp.asarray(w, jnp.float32),
+                                      jnp.asarray(targets), vocab_chunk=16)
+    logits = hidden @ w
+    want_lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = want_lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+    grad = jax.grad(lambda h: chunked_cross_entropy(h, jnp.asarray(w, jnp.float32), jnp.asarray(targets),
+                                                    vocab_chunk=16)[0].sum())(jnp.asarray(hidden, jnp.float32))
+    p = np.exp(logits - want_lse[..., None])
+    p[np.arange(2)[:, None], np.arange(10)[None], targets] -= 1
+    np.testing.assert_allclose(grad, p @ w.T, rtol=1e-4, atol=1e-6)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    config = tiny_config()
+    with pytest.raises(KeyError, match="model.no_such_knob"):
+        set_by_path(config, "model.no_such_knob", 1)
+    with pytest.raises(TypeError, match="train.steps"):
+        set_by_path(config, "train.steps", "many")
+    bad = tiny_config(**{"model.n_kv_heads": 3})
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        train.train_and_evaluate(bad, str(tmp_path / "bad"))
+    # the command line rejects unknown keys too, naming them
+    result = subprocess.run([sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py",
+                             f"--workdir={tmp_path}/cli", "--config.model.n_layerz=3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "n_layerz" in result.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_and_resume(tmp_path):
+    """2 CPU processes x 4 devices, launched the way a multi-host job is, train, checkpoint,
+    and resume from that checkpoint."""
+    workdir = str(tmp_path / "mp")
+    overrides = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.mlp_dim=64",
+                 "--config.train.seq_len=64", "--config.train.global_batch_size=8", "--config.train.log_every=1",
+                 "--config.train.plot=False", "--config.train.distributed=True", "--config.eval.batches=1",
+                 "--config.eval.batch_size=2", "--config.checkpoint.every=2", "--config.optim.warmup_steps=1",
+                 "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.context=2"]
+
+    def launch(steps):
+        port = _free_port()
+        procs = []
+        for pid in range(2):
+            env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
+                       XLA_FLAGS="--xla_force_host_platform_device_count=4")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py", f"--workdir={workdir}",
+                 f"--config.train.steps={steps}", *overrides], cwd=REPO, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=400)[0] for p in procs]
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out[-3000:]
+        return outputs
+
+    launch(steps=2)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    outputs = launch(steps=4)
+    assert "resumed" in outputs[0]
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
