@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from ctxjax import mesh as mesh_lib
-from ctxjax.model import Llama, default_model_config, lm_loss, logical_axes
+from ctxjax.model import Llama, default_model_config, init_params, lm_loss, logical_axes
 
 
 def tiny_model_config():
@@ -32,18 +32,23 @@ def loss_and_grads(graphdef, params, batch, window):
     return jax.value_and_grad(loss_fn)(params)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 1, 1, 4)])
-def test_sharded_loss_and_grads_equal_single_device(shape):
+@pytest.fixture(scope="module")
+def single_device_result():
+    """One model, batch and window; loss and gradients computed without a mesh."""
     cfg = tiny_model_config()
-    model = Llama(cfg, nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
+    graphdef, params = init_params(cfg, seed=0)
     batch = random_batch(np.random.default_rng())
     window = jnp.int32(8)
-    want_loss, want_grads = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch, window)
+    loss, grads = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch, window)
+    axes = nnx.to_pure_dict(logical_axes(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))))
+    return graphdef, params, axes, batch, window, loss, grads
 
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 1, 1, 4)])
+def test_sharded_loss_and_grads_equal_single_device(shape, single_device_result):
+    graphdef, params, axes, batch, window, want_loss, want_grads = single_device_result
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape))))
-    param_sh = mesh_lib.tree_shardings(mesh, nnx.to_pure_dict(logical_axes(model)))
+    param_sh = mesh_lib.tree_shardings(mesh, axes)
     with mesh_lib.use_mesh(mesh):
         sharded_params = jax.device_put(params, param_sh)
         sharded_batch = mesh_lib.shard_batch(batch, mesh)

@@ -18,6 +18,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.mlp_dim = 768  # SwiGLU hidden size
     c.norm_eps = 1e-5
     c.tie_embeddings = False
+    c.qkv_bias = False  # biases on the q/k/v projections (Qwen2 family)
     c.init_std = 0.02
     c.max_position_embeddings = 2048  # the length RoPE scalings are relative to
     c.rope = {"rope_type": "default", "rope_theta": 10000.0}  # HF transformers 5.x `rope_parameters`

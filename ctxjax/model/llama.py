@@ -70,6 +70,10 @@ class Block(nnx.Module):
         self.wk = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, std)
         self.wv = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, std)
         self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, out_std)
+        if cfg.qkv_bias:  # Qwen2-family checkpoints have biases on q, k and v
+            self.bq = nnx.Param(jnp.zeros((h, hd), pd), logical_axes=("heads", "head_dim"))
+            self.bk = nnx.Param(jnp.zeros((kvh, hd), pd), logical_axes=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(jnp.zeros((kvh, hd), pd), logical_axes=("kv_heads", "head_dim"))
         self.mlp_norm = _param(rngs, (d,), ("norm",), pd, None)
         self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), pd, std)
         self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd, std)
@@ -82,6 +86,8 @@ class Block(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", y, w(self.wq))
         k = jnp.einsum("btd,dhk->bthk", y, w(self.wk))
         v = jnp.einsum("btd,dhk->bthk", y, w(self.wv))
+        if cfg.qkv_bias:
+            q, k, v = q + w(self.bq), k + w(self.bk), v + w(self.bv)
         q = constrain(rope_lib.apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope_lib.apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -203,6 +209,7 @@ def logical_axes(model: nnx.Module):
 def count_params(cfg, *, embedding: bool = True) -> int:
     d, hd, f, L = cfg.d_model, head_dim_of(cfg), cfg.mlp_dim, cfg.n_layers
     per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f + 2 * d
+    per_layer += hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
     total = L * per_layer + d
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     return total + head + (cfg.vocab_size * d if embedding else 0)
@@ -211,7 +218,8 @@ def count_params(cfg, *, embedding: bool = True) -> int:
 def matmul_flops_per_token(cfg) -> float:
     """Training FLOPs per token of the dense matmuls (6 x the matmul parameters; attention's
     score/value products are counted separately, over the actual mask)."""
-    matmul_params = count_params(cfg, embedding=False) - cfg.n_layers * 2 * cfg.d_model - cfg.d_model
+    biases = head_dim_of(cfg) * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
+    matmul_params = count_params(cfg, embedding=False) - cfg.n_layers * (2 * cfg.d_model + biases) - cfg.d_model
     if cfg.tie_embeddings:
         matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
     return 6.0 * matmul_params
