@@ -81,6 +81,10 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
         """Restore onto the shardings carried by the abstract trees (a new mesh reshards)."""
+        step_dir = os.path.join(str(self.manager.directory), str(step))
+        if not os.path.isdir(os.path.join(step_dir, "opt_state")):
+            raise FileNotFoundError(f"{step_dir} holds params only (a model imported by tools/convert_from_hf.py): "
+                                    "train in a new --workdir with --config.checkpoint.init_from=<this workdir>.")
         items = dict(params=ocp.args.StandardRestore(abstract_params),
                      opt_state=ocp.args.StandardRestore(abstract_opt_state),
                      meta=ocp.args.JsonRestore())

@@ -95,6 +95,9 @@ def check_mesh_fits(config, mesh) -> None:
     _require(per_step % batch_ways == 0,
              f"the micro-batch of {per_step} rows (train.global_batch_size / optim.grad_accum_steps) does not split "
              f"over data x fsdp = {batch_ways} devices; make it a multiple of {batch_ways}.")
+    _require(config.eval.batch_size % batch_ways == 0,
+             f"eval.batch_size={config.eval.batch_size} does not split over data x fsdp = {batch_ways} devices; "
+             f"make it a multiple of {batch_ways}.")
     _require(config.train.seq_len % mesh.shape["context"] == 0,
              f"train.seq_len={config.train.seq_len} does not split over context={mesh.shape['context']} devices.")
     _require(config.model.n_kv_heads % mesh.shape["tensor"] == 0,

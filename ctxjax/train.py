@@ -105,6 +105,15 @@ def make_train_step(graphdef, tx, lr_schedule, config):
     return train_step
 
 
+def jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh):
+    """The train step under jit with explicit shardings; params and optimizer state donated."""
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(make_train_step(graphdef, tx, lr_schedule, config),
+                   in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
+                   out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+
+
 def make_eval_step(graphdef, config):
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
@@ -291,11 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                                                         config.checkpoint.init_step)
             print(f"initialised params from {config.checkpoint.init_from} (step {from_step})", flush=True)
 
-        batch_sh = mesh_lib.batch_sharding(mesh)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, config),
-                             in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
-                             out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+        train_step = jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh)
         flops_fn = jax.jit(lambda batch, window: step_flops(batch, window, config))
         evaluate = make_evaluator(graphdef, config, mesh)
 
@@ -358,9 +363,11 @@ def make_evaluator(graphdef, config, mesh):
             batches = make_eval_batches(config.data, seq_len=seq_len, batch_size=config.eval.batch_size,
                                         num_batches=config.eval.batches)
         total = count = 0.0
-        for batch in batches:
-            loss_sum, n = eval_step(params, jax.device_put(batch, jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec())))
+        sharding = mesh_lib.batch_sharding(mesh)
+        for batch in batches:  # every process holds the whole eval batch; each places its shards
+            batch = {k: jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+                     for k, x in batch.items()}
+            loss_sum, n = eval_step(params, batch)
             total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
 

@@ -27,7 +27,7 @@ def tiny_config(steps=6, **overrides):
     config.train.update(dict(seq_len=64, global_batch_size=4, steps=steps, log_every=1, plot=False))
     config.optim.warmup_steps = 1
     config.checkpoint.update(dict(every=3, async_save=False))
-    config.eval.update(dict(every=0, batches=1, batch_size=2))
+    config.eval.update(dict(every=0, batches=1, batch_size=4))
     config.mesh.update(dict(data=2, fsdp=2, tensor=2))
     for key, value in overrides.items():
         set_by_path(config, key, value)
@@ -55,9 +55,9 @@ def test_exact_resume_is_bit_identical(tmp_path):
     # load_model gives a model whose logits reproduce the run's final eval loss
     from ctxjax.data import make_eval_batches
     from ctxjax.model import lm_loss
-    batch = make_eval_batches(config_a.data, seq_len=64, batch_size=2, num_batches=1)[0]
+    batch = make_eval_batches(config_a.data, seq_len=64, batch_size=4, num_batches=1)[0]
     logits = model_a(batch["tokens"])
-    assert logits.shape == (2, 64, config_a.model.vocab_size)
+    assert logits.shape == (4, 64, config_a.model.vocab_size)
     hidden = model_a.hidden_states(batch["tokens"], batch["segment_ids"], batch["token_index"],
                                    batch["rope_positions"])
     loss = lm_loss(hidden, model_a.head_weight(), batch["tokens"], batch["segment_ids"])[0]
@@ -87,7 +87,7 @@ def test_new_window_does_not_recompile():
     with mesh_lib.use_mesh(mesh):
         param_sh, opt_sh = train.state_shardings(config.model, tx, mesh)
         graphdef, params, opt_state = train.init_state(config.model, tx, 0, param_sh, opt_sh)
-        step_fn = jax.jit(train.make_train_step(graphdef, tx, lr, config))
+        step_fn = train.jit_train_step(graphdef, tx, lr, config, mesh, param_sh, opt_sh)
         rng = np.random.default_rng()
         batch = dict(tokens=rng.integers(0, 259, (4, 64)), segment_ids=np.ones((4, 64)),
                      token_index=np.tile(np.arange(64), (4, 1)), rope_positions=np.tile(np.arange(64), (4, 1)))
@@ -164,7 +164,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
     overrides = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.mlp_dim=64",
                  "--config.train.seq_len=64", "--config.train.global_batch_size=8", "--config.train.log_every=1",
                  "--config.train.plot=False", "--config.train.distributed=True", "--config.eval.batches=1",
-                 "--config.eval.batch_size=2", "--config.checkpoint.every=2", "--config.optim.warmup_steps=1",
+                 "--config.eval.batch_size=4", "--config.checkpoint.every=2", "--config.optim.warmup_steps=1",
                  "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.context=2"]
 
     def launch(steps):
