@@ -25,9 +25,9 @@ def get_config():
     config.optim.schedule = "cosine"
 
     config.skyladder.enabled = False  # extension trains on the full window
-    config.data.sources = [
+    config.data.sources = (
         dict(kind="arrayrecord", path="corpus/long/", text_field="text", weight=0.6),
         dict(kind="arrayrecord", path="corpus/short/", text_field="text", weight=0.4),
-    ]
+    )
     config.checkpoint.init_from = "runs/base"  # override on the command line
     return config

@@ -198,3 +198,11 @@ def test_cudnn_window_matches_numpy():
     out = attention(to(q), to(k), to(v), spec, implementation="cudnn")
     ref, *_ = numpy_attention(q, k, v, allowed, np.zeros_like(q))
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_dispatch_reaches_the_tpu_kernel_in_interpret_mode():
+    """implementation='pallas_tpu' runs the Pallas TPU kernel (interpret mode on CPU) through
+    the same op the model calls."""
+    rng = np.random.default_rng()
+    q, k, v, spec, allowed = _build(rng, "skyladder_docs_sinks", t=160, s=160, hq=2, hkv=1)
+    _check("pallas_tpu", q, k, v, spec, allowed, rng, atol=2e-5)

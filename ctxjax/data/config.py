@@ -27,7 +27,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     #                       corpus.json beside the shards), or else UTF-8 text records
     #   path: a file, a directory (every file below it), a glob ('**' recurses) or a list of
     #         them; ignored for 'stdlib'
-    c.sources = [dict(kind="stdlib", path="", text_field="text", weight=1.0)]
+    c.sources = (dict(kind="stdlib", path="", text_field="text", weight=1.0),)
 
     # --- tokenizer
     # 'byte' (256 bytes + BOS/EOS/PAD = 259 ids), a Hugging Face tokenizer.json
@@ -85,7 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # on every machine. make_eval_batches reads them, or `validation_sources` (same format as
     # `sources`, nothing held out) when given.
     c.validation_fraction = 0.05
-    c.validation_sources = []
+    c.validation_sources = ()
     return c
 
 
