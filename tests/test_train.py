@@ -64,6 +64,40 @@ def test_exact_resume_is_bit_identical(tmp_path):
     assert np.isclose(float(loss), read_metrics(straight)[-1]["eval_loss"], rtol=1e-4)
 
 
+def test_resume_onto_a_different_mesh_reshards(tmp_path):
+    """Stop on a (2 data, 2 fsdp, 2 tensor) mesh, resume on (1, 4, 1, 2 context): the restore
+    reshards params and optimizer state, and training continues as it would have."""
+    straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+    train.train_and_evaluate(tiny_config(steps=4), straight)
+    train.train_and_evaluate(tiny_config(steps=4), moved, stop_after=2)
+    other_mesh = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "mesh.context": 2}
+    train.train_and_evaluate(tiny_config(steps=4, **other_mesh), moved)
+    losses = lambda w: [r["loss"] for r in read_metrics(w) if "loss" in r]
+    np.testing.assert_allclose(losses(moved), losses(straight), rtol=1e-4)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Preemption: SIGTERM mid-run saves the current step and exits 0; a rerun resumes there."""
+    import signal
+    import time
+    workdir = str(tmp_path / "preempted")
+    args = [sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py", f"--workdir={workdir}",
+            "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.mlp_dim=64",
+            "--config.train.seq_len=64", "--config.train.log_every=1", "--config.train.steps=100000",
+            "--config.eval.batches=1", "--config.eval.batch_size=8", "--config.mesh.fsdp=1", "--config.mesh.data=-1"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and 2 <= saved[0] < 100000 and "checkpoint saved" in out
+    assert json.loads(open(metrics).readlines()[-1])["step"] <= saved[0]
+
+
 def test_outputs_and_falling_loss(tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(steps=12, **{"train.plot": True, "optim.lr": 3e-3})
