@@ -41,7 +41,21 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a ctxjax workdir (python -m ctxjax.train "
                                 f"--workdir=...)?")
     with open(path) as f:
-        return ml_collections.ConfigDict(_tuples_from_json(json.load(f)))
+        saved = _tuples_from_json(json.load(f))
+    # Start from today's defaults so a run written before a knob existed still loads.
+    from configs import base
+    config = base.get_config()
+    _merge(config, saved)
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+            _merge(config[key], value)
+        else:
+            with config.unlocked():
+                config[key] = value
 
 
 def _tuples_from_json(x):
