@@ -17,7 +17,7 @@ def get_config():
 
     config.train.seq_len = 512
     config.train.global_batch_size = 8
-    config.train.steps = 200
+    config.train.steps = 180
     config.train.log_every = 10
 
     config.optim.lr = 2e-3
@@ -28,7 +28,7 @@ def get_config():
     config.skyladder.start = 32
     config.skyladder.climb_fraction = 0.6  # reach the full 512-token window at 60% of training
 
-    config.checkpoint.every = 100
-    config.eval.every = 100
+    config.checkpoint.every = 90
+    config.eval.every = 90
     config.eval.batches = 2
     return config

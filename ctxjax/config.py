@@ -98,7 +98,10 @@ def check_mesh_fits(config, mesh) -> None:
     _require(config.eval.batch_size % batch_ways == 0,
              f"eval.batch_size={config.eval.batch_size} does not split over data x fsdp = {batch_ways} devices; "
              f"make it a multiple of {batch_ways}.")
-    _require(config.train.seq_len % mesh.shape["context"] == 0,
-             f"train.seq_len={config.train.seq_len} does not split over context={mesh.shape['context']} devices.")
+    context = mesh.shape["context"]
+    for name, length in (("train.seq_len", config.train.seq_len), ("eval.seq_len", config.eval.seq_len)):
+        _require(context == 1 or length % (2 * context) == 0,
+                 f"{name}={length} must be a multiple of 2 x context = {2 * context} (zigzag load balancing "
+                 f"cuts each row into 2 x context chunks).")
     _require(config.model.n_kv_heads % mesh.shape["tensor"] == 0,
              f"model.n_kv_heads={config.model.n_kv_heads} does not split over tensor={mesh.shape['tensor']} devices.")

@@ -135,29 +135,28 @@ def write_results(workdir: str, results: dict) -> str:
     return path
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A ctxjax training workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_TASKS = flags.DEFINE_list("tasks", ["ppl", "passkey", "niah"], "ppl, passkey, niah.")
-_LENGTHS = flags.DEFINE_list("lengths", ["256", "512"], "Context lengths (tokens).")
-_TRIALS = flags.DEFINE_integer("trials", 4, "Retrieval trials per (length, depth).")
-
-
 def main(argv):
     del argv
-    if not _WORKDIR.value:
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir:
         raise app.UsageError("--workdir=DIR is required (a directory written by python -m ctxjax.train).")
-    unknown = set(_TASKS.value) - {"ppl", "passkey", "niah"}
+    unknown = set(FLAGS.tasks) - {"ppl", "passkey", "niah"}
     if unknown:
         raise app.UsageError(f"unknown tasks {sorted(unknown)}; choose from ppl, passkey, niah.")
-    results = evaluate_run(_WORKDIR.value, step=_STEP.value, tasks=tuple(_TASKS.value),
-                           lengths=tuple(int(x) for x in _LENGTHS.value), trials=_TRIALS.value)
+    results = evaluate_run(FLAGS.workdir, step=FLAGS.step, tasks=tuple(FLAGS.tasks),
+                           lengths=tuple(int(x) for x in FLAGS.lengths), trials=FLAGS.trials)
     for row in results.get("ppl", []):
         print(f"ppl   positions {row['positions']:>12}  loss {row['loss']:.3f}  ppl {row['ppl']:.2f}")
     for kind in ("passkey", "niah"):
         for row in results.get(kind, []):
             print(f"{kind:7} length {row['length']:>7}  depth {row['depth']:.1f}  accuracy {row['accuracy']:.2f}")
-    print(f"wrote {write_results(_WORKDIR.value, results)}")
+    print(f"wrote {write_results(FLAGS.workdir, results)}")
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A ctxjax training workdir.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_list("tasks", ["ppl", "passkey", "niah"], "ppl, passkey, niah.")
+    flags.DEFINE_list("lengths", ["256", "512"], "Context lengths (tokens).")
+    flags.DEFINE_integer("trials", 4, "Retrieval trials per (length, depth).")
     app.run(main)

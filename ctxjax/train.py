@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -24,7 +24,9 @@ from ctxjax import checkpoint as ckpt_lib
 from ctxjax import mesh as mesh_lib
 from ctxjax.config import check_mesh_fits, validate_config
 from ctxjax.data import check_vocab, make_eval_batches, make_tokenizer, make_train_iterator
-from ctxjax.model import Llama, head_dim_of, init_params, lm_loss, logical_axes, matmul_flops_per_token
+from ctxjax.attention.context_parallel import zigzag
+from ctxjax.model import (
+    Llama, head_dim_of, init_params, lm_loss, logical_axes, matmul_flops_per_token, next_token_targets)
 from ctxjax.model.llama import layer_windows
 from ctxjax.schedules import make_lr_schedule, make_window_schedule
 
@@ -75,15 +77,14 @@ def make_train_step(graphdef, tx, lr_schedule, config):
         hidden = model.hidden_states(micro["tokens"], micro["segment_ids"], micro["token_index"],
                                      micro["rope_positions"], window,
                                      window_mask=config.skyladder.mask)
-        loss, metrics = lm_loss(hidden, model.head_weight(), micro["tokens"], micro["segment_ids"],
+        loss, metrics = lm_loss(hidden, model.head_weight(), micro["targets"], micro["loss_weights"],
                                 vocab_chunk=vocab_chunk, z_loss=z_loss)
         # weight each micro-batch by its share of the step's target tokens: exact accumulation
         share = metrics["tokens"] / total_tokens
         return loss * share, {k: v * share for k, v in metrics.items() if k != "tokens"}
 
     def train_step(params, opt_state, batch, step, window):
-        from ctxjax.model import next_token_targets
-        total_tokens = jnp.maximum(next_token_targets(batch["tokens"], batch["segment_ids"])[1].sum(), 1.0)
+        total_tokens = jnp.maximum(batch["loss_weights"].sum(), 1.0)
         micro_batches = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -105,6 +106,18 @@ def make_train_step(graphdef, tx, lr_schedule, config):
     return train_step
 
 
+def prepare_batch(batch: dict, mesh) -> dict:
+    """Host side, once per step: next-token targets, then (with a context axis) the zigzag
+    reordering of every field, so causal work is balanced over the context shards. The mask
+    uses the reordered token_index, so attention needs no special casing."""
+    targets, weights = next_token_targets(np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"]))
+    batch = dict(batch, targets=targets.astype(np.int32), loss_weights=weights)
+    shards = mesh.shape["context"]
+    if shards > 1:
+        batch = {k: zigzag(np.asarray(v), 1, shards) for k, v in batch.items()}
+    return batch
+
+
 def jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh):
     """The train step under jit with explicit shardings; params and optimizer state donated."""
     batch_sh = mesh_lib.batch_sharding(mesh)
@@ -119,7 +132,7 @@ def make_eval_step(graphdef, config):
         model = nnx.merge(graphdef, params)
         hidden = model.hidden_states(batch["tokens"], batch["segment_ids"], batch["token_index"],
                                      batch["rope_positions"], None)
-        _, metrics = lm_loss(hidden, model.head_weight(), batch["tokens"], batch["segment_ids"],
+        _, metrics = lm_loss(hidden, model.head_weight(), batch["targets"], batch["loss_weights"],
                              vocab_chunk=config.train.vocab_chunk)
         return metrics["loss"] * metrics["tokens"], metrics["tokens"]
     return eval_step
@@ -308,24 +321,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         preemption = Preemption()
         peak = peak_flops_per_device(config) * jax.device_count()
         progress = make_progress(step, total_steps)
-        last, window_history, t0, tokens_since = {}, [], time.perf_counter(), 0.0
+        last, interval, t0 = {}, [], time.perf_counter()  # interval: this log period's steps, on device
         while step < total_steps:
-            batch = mesh_lib.shard_batch(next(data), mesh)
+            host_batch = next(data)
+            batch = mesh_lib.shard_batch(prepare_batch(host_batch, mesh), mesh)
             seq_len = batch["tokens"].shape[1]
             window = None if window_schedule is None else jnp.minimum(window_schedule(step), seq_len)
             params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), window)
+            interval.append((metrics, flops_fn(host_batch, window), batch["tokens"].size))
             step += 1
             if step % config.train.log_every == 0 or step == total_steps:
-                metrics = jax.device_get(metrics)
-                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                steps_done = config.train.log_every if step % config.train.log_every == 0 else step % config.train.log_every
-                tokens = batch["tokens"].size * steps_done
-                flops = float(flops_fn(batch, window)) * steps_done
-                last = {"loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                        "tokens_per_s": tokens / elapsed, "mfu": flops / elapsed / peak, "seq_len": seq_len,
+                steps = jax.device_get(interval)  # the only host sync of the loop
+                elapsed, t0, interval = time.perf_counter() - t0, time.perf_counter(), []
+                mean = lambda key: float(np.mean([m[key] for m, _, _ in steps]))
+                last = {"loss": mean("loss"), "lr": float(steps[-1][0]["lr"]), "grad_norm": mean("grad_norm"),
+                        "tokens_per_s": sum(n for _, _, n in steps) / elapsed,
+                        "mfu": sum(float(f) for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
                         "window": int(window) if window is not None else seq_len}
                 if config.optim.z_loss:
-                    last["z_loss"] = metrics["z_loss"]
+                    last["z_loss"] = mean("z_loss")
                 writer.write(step, last)
                 progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                      window=last["window"], mfu=f"{last['mfu']:.3f}")
@@ -362,6 +376,7 @@ def make_evaluator(graphdef, config, mesh):
         if batches is None:
             batches = make_eval_batches(config.data, seq_len=seq_len, batch_size=config.eval.batch_size,
                                         num_batches=config.eval.batches)
+            batches = [prepare_batch(b, mesh) for b in batches]
         total = count = 0.0
         sharding = mesh_lib.batch_sharding(mesh)
         for batch in batches:  # every process holds the whole eval batch; each places its shards
@@ -395,18 +410,19 @@ def initialize_distributed():
 
 
 # --------------------------------------------------------------------------------------------
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-
-
 def main(argv):
     del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if not flags.FLAGS["verbosity"].present:  # keep Orbax/JAX info chatter out of the progress bar
+        logging.set_verbosity(logging.WARNING)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is None or workdir is None:
         raise app.UsageError("both --config=configs/<experiment>.py and --workdir=DIR are required.")
-    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    final = train_and_evaluate(config, workdir)
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 
 
 if __name__ == "__main__":
+    # flags live here, not at import time, so other modules can import this one
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
     app.run(main)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from ctxjax import mesh as mesh_lib
-from ctxjax.model import Llama, default_model_config, init_params, lm_loss, logical_axes
+from ctxjax.model import Llama, default_model_config, init_params, lm_loss, logical_axes, next_token_targets
 
 
 def tiny_model_config():
@@ -28,7 +28,8 @@ def loss_and_grads(graphdef, params, batch, window):
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
         h = model.hidden_states(batch["tokens"], batch["segment_ids"], batch["token_index"], None, window)
-        return lm_loss(h, model.head_weight(), batch["tokens"], batch["segment_ids"], vocab_chunk=40)[0]
+        targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+        return lm_loss(h, model.head_weight(), targets, weights, vocab_chunk=40)[0]
     return jax.value_and_grad(loss_fn)(params)
 
 

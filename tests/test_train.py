@@ -54,13 +54,13 @@ def test_exact_resume_is_bit_identical(tmp_path):
 
     # load_model gives a model whose logits reproduce the run's final eval loss
     from ctxjax.data import make_eval_batches
-    from ctxjax.model import lm_loss
+    from ctxjax.model import lm_loss, next_token_targets
     batch = make_eval_batches(config_a.data, seq_len=64, batch_size=4, num_batches=1)[0]
     logits = model_a(batch["tokens"])
     assert logits.shape == (4, 64, config_a.model.vocab_size)
     hidden = model_a.hidden_states(batch["tokens"], batch["segment_ids"], batch["token_index"],
                                    batch["rope_positions"])
-    loss = lm_loss(hidden, model_a.head_weight(), batch["tokens"], batch["segment_ids"])[0]
+    loss = lm_loss(hidden, model_a.head_weight(), *next_token_targets(batch["tokens"], batch["segment_ids"]))[0]
     assert np.isclose(float(loss), read_metrics(straight)[-1]["eval_loss"], rtol=1e-4)
 
 
@@ -125,7 +125,7 @@ def test_new_window_does_not_recompile():
         rng = np.random.default_rng()
         batch = dict(tokens=rng.integers(0, 259, (4, 64)), segment_ids=np.ones((4, 64)),
                      token_index=np.tile(np.arange(64), (4, 1)), rope_positions=np.tile(np.arange(64), (4, 1)))
-        batch = mesh_lib.shard_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh)
+        batch = mesh_lib.shard_batch(train.prepare_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh), mesh)
         losses = []
         for step, window in enumerate([8, 16, 24, 40, 64]):
             params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step), jnp.int32(window))

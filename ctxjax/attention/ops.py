@@ -58,8 +58,9 @@ def _pallas_tpu():
 
 
 def _is_hopper() -> bool:
+    """sm_90 exactly: the Mosaic GPU kernels use Hopper-only wgmma."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "0") >= "9.0"
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
 def resolve_implementation(implementation: str) -> str:

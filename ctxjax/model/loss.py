@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def next_token_targets(tokens, segment_ids):
     """Targets and weights for next-token prediction inside each document of a packed row.
 
-    Position i predicts tokens[i+1] when both lie in the same (non-padding) document."""
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    next_segment = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+    Position i predicts tokens[i+1] when both lie in the same (non-padding) document. Works on
+    NumPy arrays (host side, before zigzag reordering) and jax arrays alike."""
+    xp = jnp if isinstance(tokens, jax.Array) else np
+    targets = xp.concatenate([tokens[:, 1:], xp.zeros_like(tokens[:, :1])], axis=1)
+    next_segment = xp.concatenate([segment_ids[:, 1:], xp.zeros_like(segment_ids[:, :1])], axis=1)
     weights = (segment_ids != 0) & (next_segment == segment_ids)
-    return targets, weights.astype(jnp.float32)
+    return targets, weights.astype(xp.float32)
 
 
 def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 8192):
@@ -48,10 +51,9 @@ def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 81
     return lse - target_logit, lse
 
 
-def lm_loss(hidden, head_weight, tokens, segment_ids, *, vocab_chunk: int = 8192, z_loss: float = 0.0):
-    """Mean next-token loss over real (non-padding, same-document) targets, plus the
-    optional z-loss; returns (total, dict of metrics)."""
-    targets, weights = next_token_targets(tokens, segment_ids)
+def lm_loss(hidden, head_weight, targets, weights, *, vocab_chunk: int = 8192, z_loss: float = 0.0):
+    """Weighted mean next-token loss (targets and weights from `next_token_targets`, computed
+    before any reordering of the sequence), plus the optional z-loss; returns (total, metrics)."""
     per_token, lse = chunked_cross_entropy(hidden, head_weight, targets, vocab_chunk=vocab_chunk)
     n = jnp.maximum(weights.sum(), 1.0)
     ce = (per_token * weights).sum() / n
