@@ -89,19 +89,24 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def check_mesh_fits(config, mesh) -> None:
-    """The batch and sequence must split evenly over the mesh."""
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_step = config.train.global_batch_size // config.optim.grad_accum_steps
-    _require(per_step % batch_ways == 0,
-             f"the micro-batch of {per_step} rows (train.global_batch_size / optim.grad_accum_steps) does not split "
-             f"over data x fsdp = {batch_ways} devices; make it a multiple of {batch_ways}.")
+    """The batch and sequence of every curriculum stage must split evenly over the mesh."""
+    from ctxjax.data import curriculum_stages
+    batch_ways, context = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["context"]
+    accum = config.optim.grad_accum_steps
+    for stage in curriculum_stages(config.data, seq_len=config.train.seq_len,
+                                   global_batch_size=config.train.global_batch_size):
+        where = f"at step {stage.start_step} (data.curriculum)" if config.data.curriculum else ""
+        _require(stage.batch_size % accum == 0 and (stage.batch_size // accum) % batch_ways == 0,
+                 f"the micro-batch of {stage.batch_size} / {accum} rows (global batch / optim.grad_accum_steps) "
+                 f"{where} does not split over data x fsdp = {batch_ways} devices; make it a multiple of {batch_ways}.")
+        _require(context == 1 or stage.seq_len % (2 * context) == 0,
+                 f"sequence length {stage.seq_len} {where} must be a multiple of 2 x context = {2 * context} "
+                 f"(zigzag load balancing cuts each row into 2 x context chunks).")
+    eval_len = config.eval.seq_len or config.train.seq_len
+    _require(context == 1 or eval_len % (2 * context) == 0,
+             f"eval sequence length {eval_len} must be a multiple of 2 x context = {2 * context}.")
     _require(config.eval.batch_size % batch_ways == 0,
              f"eval.batch_size={config.eval.batch_size} does not split over data x fsdp = {batch_ways} devices; "
              f"make it a multiple of {batch_ways}.")
-    context = mesh.shape["context"]
-    for name, length in (("train.seq_len", config.train.seq_len), ("eval.seq_len", config.eval.seq_len)):
-        _require(context == 1 or length % (2 * context) == 0,
-                 f"{name}={length} must be a multiple of 2 x context = {2 * context} (zigzag load balancing "
-                 f"cuts each row into 2 x context chunks).")
     _require(config.model.n_kv_heads % mesh.shape["tensor"] == 0,
              f"model.n_kv_heads={config.model.n_kv_heads} does not split over tensor={mesh.shape['tensor']} devices.")
