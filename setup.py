@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["ctxjax", "ctxjax.*", "pallas_kernels", "pallas_kernels.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10.2",
+        "jax>=0.10.2,<0.12",  # tested on 0.10.2 (Python 3.11) and 0.11.x (Python 3.12)
         "flax>=0.12",
         "optax",
         "orbax-checkpoint",
