@@ -239,14 +239,14 @@ def plot_metrics(workdir: str) -> str | None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
+    handles = ax.get_lines()
     windowed = [r for r in train if "window" in r]
     if windowed:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in windowed], [r["window"] for r in windowed], color="tab:red", alpha=0.6,
-                 label="window")
+        handles += ax2.plot([r["step"] for r in windowed], [r["window"] for r in windowed], color="tab:red",
+                            alpha=0.6, label="attention window")
         ax2.set_ylabel("attention window (tokens)")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="center right")  # one legend for both axes
     fig.tight_layout()
     out = os.path.join(workdir, "metrics.png")
     fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".png")
