@@ -220,10 +220,13 @@ def _window(step, plan: _WindowPlan) -> jax.Array:
 
 
 def _evaluate(step, plan: _WindowPlan):
-    if _is_int(step):   # a host-side step: same compiled function, Python int out
+    if _is_int(step):   # a host-side step: same function, Python int out
         if not 0 <= step < 2**31:
             raise ValueError(f"SkyLadder: step={step} must be in [0, 2**31).")
-        return int(_window(np.int32(step), plan))
+        # On the host's CPU: reading a value back from an accelerator would wait for the train
+        # step queued before it, every step.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return int(_window(np.int32(step), plan))
     return _window(step, plan)
 
 

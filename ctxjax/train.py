@@ -141,37 +141,38 @@ def make_eval_step(graphdef, config):
 # --------------------------------------------------------------------------------------------
 # FLOPs of the actual mask (for MFU)
 # --------------------------------------------------------------------------------------------
-def attended_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0, documents=True):
-    """Allowed (query, key) pairs of a causal mask over packed rows, counted in O(B*L): each
-    query sees the keys from the latest of (document start, window start, chunk start) up to
-    itself, plus the sinks before that. Assumes contiguous documents (as packing produces)."""
-    q = token_index.astype(jnp.int32)
-    start = jnp.zeros_like(q)
-    if documents and segment_ids is not None:
-        new_doc = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                                   segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        start = jax.lax.cummax(jnp.where(new_doc, q, 0), axis=1)
+def attended_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0, documents=True) -> float:
+    """Allowed (query, key) pairs of a causal mask over packed rows, counted on the host in
+    O(B*L) with NumPy: each query sees the keys from the latest of (document start, window
+    start, chunk start) up to itself, plus the sinks before that. Needs the rows in natural
+    order with contiguous documents (as packing produces; i.e. before zigzag)."""
+    q = np.asarray(token_index, np.int64)
+    segment_ids = np.asarray(segment_ids)
+    start = np.zeros_like(q)
+    if documents:
+        new_doc = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        start = np.maximum.accumulate(np.where(new_doc, q, 0), axis=1)
     if window is not None:
-        start = jnp.maximum(start, q - window + 1)
+        start = np.maximum(start, q - window + 1)
     if chunk is not None:
-        start = jnp.maximum(start, (q // chunk) * chunk)
+        start = np.maximum(start, (q // chunk) * chunk)
     body = q - start + 1
-    if documents and segment_ids is not None:
-        body = jnp.where(segment_ids != 0, body, 0)
+    if documents:
+        body = np.where(segment_ids != 0, body, 0)
     # sink keys before `start` (all precede the query) or, for a query with no body, up to itself
-    extra_sinks = jnp.where(body > 0, jnp.minimum(sinks, start), jnp.minimum(sinks, q + 1))
-    return (body + extra_sinks).sum(dtype=jnp.float32)
+    extra_sinks = np.where(body > 0, np.minimum(sinks, start), np.minimum(sinks, q + 1))
+    return float((body + extra_sinks).sum())
 
 
-def step_flops(batch, window, config) -> jax.Array:
-    """Training FLOPs of one step: dense matmuls (6 x params x tokens) plus attention's two
-    matmuls over the allowed area of each layer's actual mask, x3 for forward + backward."""
-    cfg = config.model
-    tokens = batch["tokens"].size
-    flops = matmul_flops_per_token(cfg) * tokens
+def step_flops(batch, window: int | None, config) -> float:
+    """Training FLOPs of one step on this host's rows: dense matmuls (6 x params x tokens) plus
+    attention's two matmuls over the allowed area of each layer's actual mask, x3 for forward +
+    backward. Host-side, off the device's critical path."""
+    cfg, sky = config.model, config.skyladder.mask
+    flops = matmul_flops_per_token(cfg) * batch["tokens"].size
     per_pair = 3 * 4 * cfg.n_heads * head_dim_of(cfg)
     for local in layer_windows(cfg):
-        sky = config.skyladder.mask
         w = local if local is not None else (window if sky == "sliding" else None)
         c = window if (local is None and sky == "chunk") else None
         flops += per_pair * attended_pairs(batch["token_index"], batch["segment_ids"], window=w, chunk=c,
@@ -314,21 +315,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             print(f"initialised params from {config.checkpoint.init_from} (step {from_step})", flush=True)
 
         train_step = jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh)
-        flops_fn = jax.jit(lambda batch, window: step_flops(batch, window, config))
         evaluate = make_evaluator(graphdef, config, mesh)
 
         writer = MetricsWriter(workdir)
         preemption = Preemption()
-        peak = peak_flops_per_device(config) * jax.device_count()
+        peak = peak_flops_per_device(config) * jax.local_device_count()  # FLOPs are counted per host
         progress = make_progress(step, total_steps)
-        last, interval, t0 = {}, [], time.perf_counter()  # interval: this log period's steps, on device
+        last, interval, t0 = {}, [], time.perf_counter()  # interval: this log period's steps
         while step < total_steps:
             host_batch = next(data)
             batch = mesh_lib.shard_batch(prepare_batch(host_batch, mesh), mesh)
             seq_len = batch["tokens"].shape[1]
-            window = None if window_schedule is None else jnp.minimum(window_schedule(step), seq_len)
-            params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step), window)
-            interval.append((metrics, flops_fn(host_batch, window), batch["tokens"].size))
+            window = None if window_schedule is None else min(int(window_schedule(step)), seq_len)
+            params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step),
+                                                    None if window is None else jnp.int32(window))
+            interval.append((metrics, step_flops(host_batch, window, config), batch["tokens"].size))
             step += 1
             if step % config.train.log_every == 0 or step == total_steps:
                 steps = jax.device_get(interval)  # the only host sync of the loop
@@ -336,8 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 mean = lambda key: float(np.mean([m[key] for m, _, _ in steps]))
                 last = {"loss": mean("loss"), "lr": float(steps[-1][0]["lr"]), "grad_norm": mean("grad_norm"),
                         "tokens_per_s": sum(n for _, _, n in steps) / elapsed,
-                        "mfu": sum(float(f) for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
-                        "window": int(window) if window is not None else seq_len}
+                        "mfu": sum(f for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
+                        "window": seq_len if window is None else window}
                 if config.optim.z_loss:
                     last["z_loss"] = mean("z_loss")
                 writer.write(step, last)

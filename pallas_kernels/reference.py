@@ -4,7 +4,6 @@ O(T*S) memory; float32 softmax. Fully masked query rows return 0 and lse = -inf.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mask import MaskSpec, dense_mask

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mask import EMPTY, FULL, MaskSpec, classify_tiles, dense_mask
+from pallas_kernels.mask import EMPTY, MaskSpec, classify_tiles, dense_mask
 from pallas_kernels.reference import attention_reference
 
 fa = importlib.import_module("pallas_kernels.gpu.flash_attention")

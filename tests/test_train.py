@@ -159,11 +159,10 @@ def test_attended_pairs_matches_the_mask_algebra():
     idx = np.tile(np.arange(t, dtype=np.int32), (b, 1))
     for window, chunk, sinks in [(None, None, 0), (9, None, 0), (None, 16, 2), (13, 32, 3)]:
         for documents in (True, False):
-            got = train.attended_pairs(jnp.asarray(idx), jnp.asarray(seg), window=window, chunk=chunk,
-                                       sinks=sinks, documents=documents)
+            got = train.attended_pairs(idx, seg, window=window, chunk=chunk, sinks=sinks, documents=documents)
             spec = MaskSpec(q_segment_ids=jnp.asarray(seg) if documents else None, window=window, chunk=chunk,
                             sinks=sinks)
-            assert float(got) == float(allowed_pair_count(spec, b, t, t)), (window, chunk, sinks, documents)
+            assert got == float(allowed_pair_count(spec, b, t, t)), (window, chunk, sinks, documents)
 
 
 def test_chunked_cross_entropy_matches_float64():

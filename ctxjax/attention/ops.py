@@ -8,10 +8,8 @@
 """
 from __future__ import annotations
 
-import functools
 
 import jax
-import jax.numpy as jnp
 
 from ctxjax.attention.blockwise import blockwise_attention, blockwise_attention_bwd, blockwise_attention_fwd
 from pallas_kernels.mask import MaskSpec
