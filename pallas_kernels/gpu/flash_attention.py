@@ -13,11 +13,14 @@ Kernel structure (FlashAttention-3 style, one CTA = three warpgroups):
     each own 64 query rows, run QK^T and PV on the tensor cores (wgmma) and the online
     softmax, ping-ponging through a shared barrier so one warpgroup's softmax overlaps the
     other's matmuls.
-  * backward: one CTA per (batch, kv head, 128-key block); warpgroups 0/1 own 64 key rows
-    each and keep dK, dV in registers while warpgroup 2 streams (Q, dO, lse, delta) blocks of
-    64 queries for every query head of the GQA group. dQ is accumulated in float32 in HBM
-    with TMA reduce-add (dS goes through SMEM), so the backward does five matmuls per tile,
-    not seven.
+  * backward: two kernels, so no float32 atomics and deterministic gradients. dK/dV: one
+    CTA per (batch, kv head, 128-key block); warpgroups 0/1 own 64 key rows each and keep
+    dK, dV in registers while warpgroup 2 streams (Q, dO, lse, delta) blocks of 64 queries
+    for every query head of the GQA group (S^T and dP^T, so P^T and dS^T feed the dV and dK
+    matmuls straight from registers). dQ: the forward's persistent query-stationary
+    structure with 64-key blocks; dQ, S and dP stay in registers (three matmuls per tile).
+    A fused dQ reduce-added in float32 (five matmuls, FlashAttention-3 style) measured 1.56x
+    slower on an H100: the reduce-adds alone took half of the backward.
 
 Measurements, versions and what did not help: docs/hopper_kernel_notes.md.
 
@@ -46,6 +49,16 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _INT_MIN = -(2 ** 31)
 _INT_MAX = 2 ** 31 - 1
+
+_DQ_BK = 64               # dQ kernel key block (dQ, S and dP all live in registers)
+
+# Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
+# jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the dK/dV
+# kernel (per-warpgroup traces of its `jax.named_scope` regions, written there); `_ABLATE`
+# drops parts of the backward for timing attribution only, the results are then WRONG:
+# "exp" (no exponentials), "steps" (no tiles: launch and epilogue cost only).
+_PROFILE_DIR: str | None = None
+_ABLATE: frozenset = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +215,13 @@ def _wgmma_group(accs, ops):
                 plgpu.wgmma(refs[i], a, b)
 
     return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
+
+
+def _compiler_params(plgpu, profile=False):
+    if profile and _PROFILE_DIR:
+        return plgpu.CompilerParams(approx_math=True, profile_space=128, profile_dir=_PROFILE_DIR,
+                                    profile_bounds_check=True)
+    return plgpu.CompilerParams(approx_math=True)
 
 
 def _num_sms():
@@ -445,15 +465,217 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         scratch_types=scratch,
         grid=(grid,), grid_names=("cta",),
         num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(plgpu),
     )
     args = dict(q=q, k=k, v=v, lists=lists, counts=counts, sinks=sinks,
                 **{f"row_{r}": rows[r] for r in row_names}, **{f"col_{c}": cols[c] for c in col_names})
     return call(*[args[n] for n in in_names])
 
 
-def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref, st: _Static):
-    """dK, dV (returned) and dQ (float32, reduce-added into `dq_ref`, unscaled)."""
+def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _Static):
+    """dQ (unscaled by the softmax scale) without atomics: the forward's persistent,
+    query-stationary structure, three matmuls per tile (S = Q K^T, dP = dO V^T,
+    dQ += dS K). dQ stays in registers for the whole item and is written once."""
+    pl, plgpu = _plgpu()
+    batch, q_pad, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    bk, stages = _DQ_BK, 2
+    nq = q_pad // _FWD_BQ
+    dtype = q.dtype
+    f32 = jnp.float32
+    total = batch * hq * nq
+    grid = max(1, min(total, st.num_ctas or _num_sms()))
+    c2 = st.scale * _LOG2E
+    ROW, COL = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    WGMMA = plgpu.Layout.WGMMA
+    row_names, col_names = st.row_names, st.col_names
+    in_names = (["q", "k", "v", "do", "lse", "delta"] + [f"row_{n}" for n in row_names]
+                + [f"col_{n}" for n in col_names] + (["sinks"] if st.has_sinks else [])
+                + ["lists", "counts"])
+
+    def decode(t):   # as in the forward: query blocks fastest, heaviest first under causal
+        qb, bh = lax.rem(t, nq), lax.div(t, nq)
+        if st.causal:
+            qb = nq - 1 - qb
+        return lax.div(bh, hq), lax.rem(bh, hq), qb
+
+    def kernel(*refs, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, q_ready, q_free,
+               k_ready, v_ready, k_free, v_free, sched, **vec_smem):
+        ins = dict(zip(in_names, refs))
+        (dq_ref,) = refs[len(in_names):]
+        lists_ref, counts_ref = ins["lists"], ins["counts"]
+        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+        full_rounds, rest = total // grid, total % grid
+
+        def item_index(n):   # the forward's snake deal
+            return n * grid + jnp.where(lax.rem(n, 2) == 1, grid - 1 - cta, cta)
+
+        last_pos = (grid - 1 - cta) if full_rounds % 2 == 1 else cta
+        my_items = full_rounds + (last_pos < rest).astype(jnp.int32)
+
+        def rendezvous():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            for s_ in range(stages):
+                plgpu.barrier_arrive(k_free.at[s_])
+                plgpu.barrier_arrive(v_free.at[s_])
+            sinks_val = ins["sinks"][0] if st.has_sinks else None
+
+            def release_previous_q(qbuf):   # the previous item's dQ store has left its Q buffer
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[1 - qbuf])
+
+            def item(n, step):
+                b, h, qb = decode(item_index(n))
+                qbuf = lax.rem(n, 2)
+                count = counts_ref[b, qb]
+                first_entry = lists_ref[b, qb, 0]
+                plgpu.barrier_wait(q_ready.at[qbuf])
+                row_vals = {r: plgpu.load(vec_smem[f"row_{r}"].at[qbuf, wg], layout=ROW)
+                            for r in row_names}
+                lse = plgpu.load(lse_smem.at[qbuf, wg], layout=ROW)
+                delta = plgpu.load(delta_smem.at[qbuf, wg], layout=ROW)
+                dq0 = plgpu.layout_cast(jnp.zeros((_ROWS, d), f32), WGMMA)
+                pl.when(wg == 1)(rendezvous)  # offset the two warpgroups by half a step
+
+                def kv_step(i, carry):
+                    dq, entry = carry
+                    next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]
+                    slot = lax.rem(step + i, stages)
+                    plgpu.barrier_wait(k_ready.at[slot])
+                    plgpu.barrier_wait(v_ready.at[slot])
+
+                    def scores(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, q_smem.at[qbuf, wg], k_smem.at[slot].T)
+                        plgpu.wgmma(dp_ref, do_smem.at[qbuf, wg], v_smem.at[slot].T)
+                        rendezvous()
+                        return s_ref[...], dp_ref[...]
+
+                    acc = plgpu.ACC((_ROWS, bk), f32)
+                    s, dp = pl.run_scoped(scores, acc, acc)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    if st.needs_mask:
+                        def masked():
+                            col_vals = {c: plgpu.load(vec_smem[f"col_{c}"].at[slot], layout=COL)
+                                        for c in col_names}
+                            key_ids = _key_ids(plgpu, s.shape, 1, lax.div(entry, 2) * bk, st)
+                            ok = _mask_tile(s.shape, st=st, row_vals=row_vals, col_vals=col_vals,
+                                            sinks=sinks_val, key_ids=key_ids, row_axis=0)
+                            return jnp.where(ok, s, -jnp.inf)
+                        s = lax.cond(lax.rem(entry, 2) == 1, masked, lambda: s)
+                    pl.when((i == 0) & (n > 0))(lambda: release_previous_q(qbuf))
+                    p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(dtype)
+                    dq, ds = lax.optimization_barrier((dq, ds))
+                    plgpu.barrier_arrive(sched)   # elementwise done: let the other warpgroup in
+                    plgpu.barrier_wait(sched)
+                    (dq,) = _wgmma_group((dq,), [(0, ds, k_smem.at[slot])])
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return dq, next_entry
+
+                dq, _ = lax.fori_loop(0, count, kv_step, (dq0, first_entry))
+                pl.when((count == 0) & (n > 0))(lambda: release_previous_q(qbuf))
+                pl.when(wg == 0)(rendezvous)
+                o_smem = q_smem.at[qbuf, wg]      # this item's Q is dead: stage dQ there
+                o_smem[...] = (dq * st.scale).astype(dtype)
+                plgpu.commit_smem()
+                q0 = qb * _FWD_BQ + wg * _ROWS
+                plgpu.copy_smem_to_gmem(o_smem, dq_ref.at[b, pl.ds(q0, _ROWS), h])
+                return step + count
+
+            lax.fori_loop(0, my_items, item, jnp.int32(0))
+            release_previous_q(lax.rem(my_items, 2))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def item(n, step):
+                b, h, qb = decode(item_index(n))
+                qbuf = lax.rem(n, 2)
+                hk = lax.div(h, group)
+
+                @pl.when(n >= 2)
+                def _():
+                    plgpu.barrier_wait(q_free.at[qbuf])
+
+                for w in range(2):
+                    rs = pl.ds(qb * _FWD_BQ + w * _ROWS, _ROWS)
+                    ready = q_ready.at[qbuf]
+                    plgpu.copy_gmem_to_smem(ins["q"].at[b, rs, h], q_smem.at[qbuf, w], ready)
+                    plgpu.copy_gmem_to_smem(ins["do"].at[b, rs, h], do_smem.at[qbuf, w], ready)
+                    plgpu.copy_gmem_to_smem(ins["lse"].at[b, h, rs], lse_smem.at[qbuf, w], ready)
+                    plgpu.copy_gmem_to_smem(ins["delta"].at[b, h, rs], delta_smem.at[qbuf, w], ready)
+                    for r in row_names:
+                        plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, rs],
+                                                vec_smem[f"row_{r}"].at[qbuf, w], ready)
+                count = counts_ref[b, qb]
+
+                def kv_step(i, entry):
+                    next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]
+                    slot = lax.rem(step + i, stages)
+                    ks = pl.ds(lax.div(entry, 2) * bk, bk)
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], k_smem.at[slot], k_ready.at[slot])
+                    for c in col_names:
+                        plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], vec_smem[f"col_{c}"].at[slot],
+                                                k_ready.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], v_smem.at[slot], v_ready.at[slot])
+                    return next_entry
+
+                lax.fori_loop(0, count, kv_step, lists_ref[b, qb, 0])
+                return step + count
+
+            lax.fori_loop(0, my_items, item, jnp.int32(0))
+            for s_ in range(stages):
+                plgpu.barrier_wait(k_free.at[s_])
+                plgpu.barrier_wait(v_free.at[s_])
+            for n in range(2):
+                pl.when(my_items > n)(lambda: plgpu.barrier_wait(q_free.at[n]))
+
+    scratch = dict(
+        q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
+        do_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
+        lse_smem=plgpu.SMEM((2, 2, _ROWS), f32),
+        delta_smem=plgpu.SMEM((2, 2, _ROWS), f32),
+        k_smem=_tiled(plgpu, (stages, bk, d), dtype),
+        v_smem=_tiled(plgpu, (stages, bk, d), dtype),
+        q_ready=plgpu.Barrier(num_arrivals=2 * (4 + len(row_names)), num_barriers=2),
+        q_free=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        k_ready=plgpu.Barrier(num_arrivals=1 + len(col_names), num_barriers=stages),
+        v_ready=plgpu.Barrier(num_barriers=stages),
+        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        sched=plgpu.Barrier(num_arrivals=2),
+    )
+    for r in row_names:
+        scratch[f"row_{r}"] = plgpu.SMEM((2, 2, _ROWS), jnp.int32)
+    for c in col_names:
+        scratch[f"col_{c}"] = plgpu.SMEM((stages, bk), jnp.int32)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype),),
+        scratch_types=scratch,
+        grid=(grid,), grid_names=("cta",),
+        num_threads=3, thread_name="wg",
+        compiler_params=_compiler_params(plgpu),
+    )
+    args = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, lists=lists, counts=counts, sinks=sinks,
+                **{f"row_{r}": rows[r] for r in row_names}, **{f"col_{c}": cols[c] for c in col_names})
+    (dq,) = call(*[args[n] for n in in_names])
+    return dq
+
+
+def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _Static):
+    """dK, dV: one CTA per (batch, kv head, 128-key block); four matmuls per tile."""
     pl, plgpu = _plgpu()
     batch, q_pad, hq, d = q.shape
     kv_pad, hkv = k.shape[1], k.shape[2]
@@ -465,23 +687,21 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
     c2 = st.scale * _LOG2E
     ROW, COL = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     WGMMA = plgpu.Layout.WGMMA
-    exchange = d == 128              # see the dQ comment in the step below
-    chunk = 64                       # dQ columns each warpgroup reduce-adds per step
     # In the transposed tile (keys x queries) the kernel's per-row vectors are per key.
     q_names, k_names = st.row_names, st.col_names
     in_names = (["q", "k", "v", "do", "lse", "delta"] + [f"row_{n}" for n in q_names]
                 + [f"col_{n}" for n in k_names] + (["sinks"] if st.has_sinks else [])
-                + ["lists", "counts", "dq"])
+                + ["lists", "counts"])
 
-    def kernel(*refs, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, dq_smem,
-               kv_ready, q_ready, q_free, ds_ready, **vec_smem):
+    def kernel(*refs, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_ready, q_ready,
+               q_free, **vec_smem):
         ins = dict(zip(in_names, refs))
         dk_ref, dv_ref = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
         kb, hk, b = lax.axis_index("kb"), lax.axis_index("hk"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         count = counts_ref[b, kb]
-        steps = group * count
+        steps = 0 if "steps" in _ABLATE else group * count
 
         def q_block_of(j):
             g = lax.div(j, jnp.maximum(count, 1))
@@ -505,9 +725,10 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
 
             def step_fn(j, carry):
                 dk, dv = carry
-                h, qb, partial = q_block_of(j)
-                slot, parity = lax.rem(j, stages), lax.rem(j, 2)
-                plgpu.barrier_wait(q_ready.at[slot])
+                _, _, partial = q_block_of(j)
+                slot = lax.rem(j, stages)
+                with jax.named_scope("wait_q"):
+                    plgpu.barrier_wait(q_ready.at[slot])
 
                 def scores(s_ref, dp_ref):   # S^T = K Q^T and dP^T = V dO^T, one wait for both
                     plgpu.wgmma(s_ref, k_smem.at[wg], q_smem.at[slot].T)
@@ -515,55 +736,31 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
                     return s_ref[...], dp_ref[...]
 
                 acc = plgpu.ACC((_ROWS, _BWD_BQ), f32)
-                st_, dp_t = pl.run_scoped(scores, acc, acc)
-                if st.needs_mask:
-                    def masked():
-                        q_vals = {r: plgpu.load(vec_smem[f"row_{r}"].at[slot], layout=COL)
-                                  for r in q_names}
-                        ok = _mask_tile(st_.shape, st=st, row_vals=q_vals, col_vals=key_vals,
-                                        sinks=sinks_val, key_ids=_key_ids(plgpu, st_.shape, 0, k0, st),
-                                        row_axis=1)
-                        return jnp.where(ok, st_, -jnp.inf)
-                    st_ = lax.cond(partial == 1, masked, lambda: st_)
-                lse = plgpu.load(lse_smem.at[slot], layout=COL)
-                p_t = jnp.exp2(st_ * c2 - lax.broadcast_in_dim(lse, st_.shape, [1]))
-                delta = plgpu.load(delta_smem.at[slot], layout=COL)
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
-                p_t = p_t.astype(dtype)
-
-                # dS^T goes through SMEM: dQ = dS @ K needs it as a transposed wgmma operand.
-                # With D=128 the warpgroups swap halves, and each adds dS[q, all 128 keys] @
-                # K[:, its 64 columns]; with D=64 each adds dS[q, its keys] @ K[its keys, :].
-                ds_smem.at[parity, wg][...] = ds_t
-                plgpu.commit_smem()
-                if exchange:
-                    plgpu.barrier_arrive(ds_ready)
-
-                def dq_ops():
-                    if exchange:
-                        plgpu.barrier_wait(ds_ready)
-                        cols_ = pl.ds(wg * chunk, chunk)
-                        return [(0, ds_smem.at[parity, w].T, k_smem.at[w, :, cols_]) for w in range(2)]
-                    return [(0, ds_smem.at[parity, wg].T, k_smem.at[wg])]
-
-                dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_t, q_smem.at[slot])])
-                dq0 = plgpu.layout_cast(jnp.zeros((_BWD_BQ, chunk), f32), WGMMA)
-                (dq,) = _wgmma_group((dq0,), [dq_ops])
+                with jax.named_scope("mma_s_dp"):
+                    st_, dp_t = pl.run_scoped(scores, acc, acc)
+                with jax.named_scope("softmax"):
+                    if st.needs_mask:
+                        def masked():
+                            q_vals = {r: plgpu.load(vec_smem[f"row_{r}"].at[slot], layout=COL)
+                                      for r in q_names}
+                            ok = _mask_tile(st_.shape, st=st, row_vals=q_vals, col_vals=key_vals,
+                                            sinks=sinks_val, key_ids=_key_ids(plgpu, st_.shape, 0, k0, st),
+                                            row_axis=1)
+                            return jnp.where(ok, st_, -jnp.inf)
+                        st_ = lax.cond(partial == 1, masked, lambda: st_)
+                    lse = plgpu.load(lse_smem.at[slot], layout=COL)
+                    x = st_ * c2 - lax.broadcast_in_dim(lse, st_.shape, [1])
+                    p_t = x if "exp" in _ABLATE else jnp.exp2(x)
+                    delta = plgpu.load(delta_smem.at[slot], layout=COL)
+                    ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
+                    p_t = p_t.astype(dtype)
+                with jax.named_scope("mma_dk_dv"):
+                    dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_t, q_smem.at[slot])])
                 plgpu.barrier_arrive(q_free.at[slot])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduce left dq_smem
-                dq_smem.at[wg][...] = dq
-                plgpu.commit_smem()
-                cols_ = pl.ds(wg * chunk, chunk) if exchange else pl.ds(0, d)
-                plgpu.copy_smem_to_gmem(
-                    dq_smem.at[wg], ins["dq"].at[b, pl.ds(qb * _BWD_BQ, _BWD_BQ), h, cols_],
-                    reduction_op="add")
                 return dk, dv
 
             dk, dv = lax.fori_loop(0, steps, step_fn, (zeros, zeros))
-            # The other warpgroup may still read our K rows for its last dQ: sync first.
-            plgpu.barrier_arrive(ds_ready)
-            plgpu.barrier_wait(ds_ready)
-            k_smem.at[wg][...] = (dk * st.scale).astype(dtype)
+            k_smem.at[wg][...] = (dk * st.scale).astype(dtype)   # K/V rows are dead: stage there
             v_smem.at[wg][...] = dv.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, ks, hk], commit_group=False)
@@ -580,7 +777,8 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
                 h, qb, _ = q_block_of(j)
                 slot = lax.rem(j, stages)
                 qs = pl.ds(qb * _BWD_BQ, _BWD_BQ)
-                plgpu.barrier_wait(q_free.at[slot])
+                with jax.named_scope("wait_free"):
+                    plgpu.barrier_wait(q_free.at[slot])
                 plgpu.copy_gmem_to_smem(ins["q"].at[b, qs, h], q_smem.at[slot], q_ready.at[slot])
                 plgpu.copy_gmem_to_smem(ins["do"].at[b, qs, h], do_smem.at[slot], q_ready.at[slot])
                 plgpu.copy_gmem_to_smem(ins["lse"].at[b, h, qs], lse_smem.at[slot], q_ready.at[slot])
@@ -600,12 +798,9 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
         v_smem=_tiled(plgpu, (2, _ROWS, d), dtype),
         lse_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
         delta_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
-        ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
-        dq_smem=_tiled(plgpu, (2, _BWD_BQ, chunk), f32),
         kv_ready=plgpu.Barrier(num_arrivals=2, num_barriers=2),
         q_ready=plgpu.Barrier(num_arrivals=4 + len(q_names), num_barriers=stages),
         q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        ds_ready=plgpu.Barrier(num_arrivals=2),
     )
     for r in q_names:
         scratch[f"row_{r}"] = plgpu.SMEM((stages, _BWD_BQ), jnp.int32)
@@ -616,11 +811,11 @@ def _bwd_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, dq_ref
         scratch_types=scratch,
         grid=(nk, hkv, batch), grid_names=("kb", "hk", "b"),
         num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(plgpu, profile=True),
     )
     args = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, lists=lists, counts=counts,
-                sinks=sinks, dq=dq_ref,
-                **{f"row_{r}": rows[r] for r in q_names}, **{f"col_{c}": cols[c] for c in k_names})
+                sinks=sinks, **{f"row_{r}": rows[r] for r in q_names},
+                **{f"col_{c}": cols[c] for c in k_names})
     return call(*[args[n] for n in in_names])
 
 
@@ -686,21 +881,26 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     padded, rows, cols, sinks = mask_parts
     q_pad, kv_pad = st.q_pad, st.kv_pad
     batch, q_len, hq, d = q.shape
-    lists, counts = backward_lists(padded, batch, q_pad, kv_pad, st.kv_padded)
     # dS = P * (dP - delta) with delta = rowsum(dO * O); a cotangent of lse adds P * dlse
     # (d lse / d s = P), i.e. shifts delta by -dlse.
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
         delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-    pad_t = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, q_pad - q_len)))
-    # log2-domain lse; rows with no allowed key (lse = -inf) get +inf so their P is 0.
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, q_pad - q_len)))
+    # log2-domain lse; rows with no allowed key (lse = -inf) and padded rows get +inf, so
+    # their P is 0.
     lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf).astype(jnp.float32)
-    dq_ref = jax.new_ref(jnp.zeros((batch, q_pad, hq, d), jnp.float32))
-    dk, dv = _bwd_call(_pad_seq(q, q_pad), _pad_seq(k, kv_pad), _pad_seq(v, kv_pad),
-                       _pad_seq(dout.astype(q.dtype), q_pad), pad_t(lse2), pad_t(delta),
-                       rows, cols, sinks, lists, counts, dq_ref, st)
-    dq = (dq_ref[...][:, :q_len] * st.scale).astype(q.dtype)
-    return dq, dk[:, :st.kv_len], dv[:, :st.kv_len]
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - q_len)), constant_values=jnp.inf)
+    qp, kp, vp = _pad_seq(q, q_pad), _pad_seq(k, kv_pad), _pad_seq(v, kv_pad)
+    dop = _pad_seq(dout.astype(q.dtype), q_pad)
+    # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics (on an
+    # H100 the reduce-adds of a fused dQ cost as much as the rest of the backward; see
+    # docs/hopper_kernel_notes.md), and the gradients are deterministic.
+    lists, counts = backward_lists(padded, batch, q_pad, kv_pad, st.kv_padded)
+    dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
+    dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
+    dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
+    return dq[:, :q_len], dk[:, :st.kv_len], dv[:, :st.kv_len]
 
 
 def flash_attention_fwd(q, k, v, mask: MaskSpec | None = None, *, scale: float | None = None,

@@ -1,0 +1,221 @@
+"""Development probe for the Hopper kernels: where does the time of one kernel go?
+
+One device call runs, for chosen shapes and masks: (1) variants given as module-level
+overrides (`name:attr=value;attr=value`, e.g. `bk128:_DQ_BK=128`), each optionally checked
+against the float32 reference (--check); (2) timings of the backward, also with parts
+dropped (`flash_attention._ABLATE`: results then wrong, timing only) and of the forward
+per block configuration (--fwd); (3) Mosaic GPU's in-kernel profiler on the dK/dV kernel
+over a small grid, summarised per named region and warpgroup (--profile). Prints a short
+table last; full logs under --out. Not a benchmark of record: tools/bench_attention.py is.
+
+    python tools/probe_hopper.py --out $OUT --check --masks causal,window --ablations none,exp
+    python tools/probe_hopper.py --seq 32768 --masks causal,chunk --ablations '' --fwd \
+        --fwd-configs '128,2;64,3'
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.mask import MaskSpec, allowed_flops  # noqa: E402
+
+fa = importlib.import_module("pallas_kernels.gpu.flash_attention")
+
+
+def median_ms(fn, args, reps=15):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def inputs(batch, seq, heads, dim=128, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return [jax.random.normal(k, (batch, seq, heads, dim), jnp.float32).astype(jnp.bfloat16) for k in ks]
+
+
+def masks(batch, seq):
+    seg = jnp.broadcast_to(1 + jnp.arange(seq, dtype=jnp.int32) // (seq // 8), (batch, seq))
+    return {"causal": MaskSpec(), "window": MaskSpec(window=1024), "chunk": MaskSpec(chunk=1024),
+            "documents": MaskSpec(q_segment_ids=seg)}
+
+
+def time_bwd(q, k, v, do, mask, ablate=()):
+    fa._ABLATE = frozenset(ablate)
+    out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
+    f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
+    try:
+        return median_ms(f, (q, k, v, out, lse, do))
+    finally:
+        fa._ABLATE = frozenset()
+
+
+def time_fwd(q, k, v, mask, **kw):
+    f = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask, **kw))
+    return median_ms(f, (q, k, v))
+
+
+def check_grads(seed=0):
+    """Max relative error of (dq, dk, dv) against the float32 reference on small random
+    problems (GQA, a length that needs padding, causal and a documents+window mask)."""
+    from pallas_kernels.reference import attention_reference
+    errs = []
+    for d, mask_kind in ((128, "causal"), (64, "docs"), (128, "docs")):
+        b, t, hq, hkv = 2, 1000, 4, 2
+        ks = jax.random.split(jax.random.key(seed + d), 4)
+        q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(jnp.bfloat16)
+        k, v = (jax.random.normal(kk, (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[1:3])
+        do = jax.random.normal(ks[3], (b, t, hq, d), jnp.float32).astype(jnp.bfloat16)
+        seg = jnp.broadcast_to(1 + jnp.arange(t, dtype=jnp.int32) // 300, (b, t))
+        mask = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+        def grads(fn, q, k, v, do, seg):
+            m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+            return jax.vjp(lambda q, k, v: fn(q, k, v, m).astype(jnp.float32), q, k, v)[1](
+                do.astype(jnp.float32))
+        ref_fn = lambda q, k, v, m: attention_reference(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), m)
+        got = jax.jit(functools.partial(grads, fa.flash_attention))(q, k, v, do, seg)
+        ref = jax.jit(functools.partial(grads, ref_fn))(q, k, v, do, seg)
+        for name, g, r in zip("qkv", got, ref):
+            g, r = g.astype(jnp.float32), r.astype(jnp.float32)
+            err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
+            errs.append(err if bool(jnp.isfinite(g).all()) else float("nan"))
+    return max(errs)
+
+
+def summarise_trace(path):
+    """Per (warpgroup, region): total and per-call mean time in microseconds, and the
+    mean wall time per CTA, from a Mosaic GPU profiler trace (Chrome trace JSON)."""
+    with open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    by_tid = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") in ("B", "E"):
+            by_tid[e["tid"]].append(e)
+    per = collections.defaultdict(list)
+    spans = collections.defaultdict(list)
+    for tid, evs in by_tid.items():
+        wg = (tid - 1) % 3
+        stack = []
+        for e in evs:
+            if e["ph"] == "B":
+                stack.append(e)
+            elif stack:
+                b = stack.pop()
+                per[(wg, b["name"])].append(e["ts"] - b["ts"])
+        if evs:
+            spans[wg].append(evs[-1]["ts"] - evs[0]["ts"])
+    rows = []
+    for (wg, name), ds in sorted(per.items()):
+        rows.append(dict(wg=wg, region=name, calls=len(ds), mean_us=statistics.mean(ds),
+                         total_ms=sum(ds) / 1e3))
+    return rows, {wg: statistics.mean(s) for wg, s in spans.items()}
+
+
+def profile_bwd(out_dir, mask_name, seq=8192, heads=2, batch=1, ablate=()):
+    q, k, v, do = inputs(batch, seq, heads)
+    mask = masks(batch, seq)[mask_name]
+    out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
+    prof = os.path.join("/tmp/probe_traces", f"prof_{mask_name}")  # traces are large
+    os.makedirs(prof, exist_ok=True)
+    fa._PROFILE_DIR, fa._ABLATE = prof, frozenset(ablate)
+    try:
+        f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
+        jax.block_until_ready(f(q, k, v, out, lse, do))
+    finally:
+        fa._PROFILE_DIR, fa._ABLATE = None, frozenset()
+    files = sorted(glob.glob(os.path.join(prof, "*.json")), key=os.path.getmtime)
+    return summarise_trace(files[-1]) if files else ([], {})
+
+
+def apply(variant):
+    """'name:attr=value;attr=value' -> sets fa.<attr> (values are Python literals)."""
+    import ast
+    name, _, assigns = variant.partition(":")
+    saved = {}
+    for a in filter(None, assigns.split(";")):
+        attr, _, val = a.partition("=")
+        saved[attr] = getattr(fa, attr)
+        setattr(fa, attr, ast.literal_eval(val))
+    return name, saved
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="/tmp/probe")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--masks", default="causal")
+    p.add_argument("--ablations", default="none")
+    p.add_argument("--variants", default="base:", help="'|'-separated name:attr=value;...")
+    p.add_argument("--check", action="store_true", help="check gradients of every variant")
+    p.add_argument("--profile", default="", help="masks to profile ('' = none)")
+    p.add_argument("--profile-ablate", default="none", help="ablations to profile with")
+    p.add_argument("--fwd", action="store_true", help="also time the forward per mask")
+    p.add_argument("--fwd-configs", default="128,2", help="forward 'block_kv,num_stages' list, ';'-separated")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "probe.jsonl"), "a")
+    emit = lambda row: (print(json.dumps(row), flush=True), log.write(json.dumps(row) + "\n"), log.flush())
+    batch = max(1, 65536 // args.seq)
+    q, k, v, do = inputs(batch, args.seq, 16)
+    table = []
+    for variant in args.variants.split("|"):
+        vname, saved = apply(variant)
+        try:
+          try:
+            err = check_grads() if args.check else float("nan")
+            if args.check:
+                emit(dict(variant=vname, max_rel_err=err))
+            for name in args.masks.split(","):
+                mask = masks(batch, args.seq)[name]
+                flops = float(allowed_flops(mask, batch, args.seq, args.seq, 16, 128))
+                for cfg in (args.fwd_configs.split(";") if args.fwd else []):
+                    bk, stages = map(int, cfg.split(","))
+                    ms = time_fwd(q, k, v, mask, block_kv=bk, num_stages=stages)
+                    table.append((vname, name, "fwd", f"bk{bk} st{stages}", ms, flops / ms / 1e9, err))
+                    emit(dict(variant=vname, mask=name, mode="fwd", block_kv=bk, stages=stages, ms=ms))
+                for ab in filter(None, args.ablations.split(",")):
+                    ablate = () if ab == "none" else tuple(ab.split("+"))
+                    ms = time_bwd(q, k, v, do, mask, ablate)
+                    table.append((vname, name, "bwd", ab, ms, 2.5 * flops / ms / 1e9, err))
+                    emit(dict(variant=vname, mask=name, mode="bwd", ablate=ab, ms=ms))
+            for name, ab in [(n, a) for n in filter(None, args.profile.split(","))
+                             for a in args.profile_ablate.split(",")]:
+                ablate = () if ab == "none" else tuple(ab.split("+"))
+                rows, spans = profile_bwd(args.out, name, seq=args.seq, ablate=ablate)
+                for r in rows:
+                    emit(dict(variant=vname, profile=name, ablate=ab, **r))
+                print(f"\nprofile {vname} {name} ablate={ab} (S={args.seq}, B=1, H=2; mean us per call):")
+                for r in rows:
+                    print(f"  wg{r['wg']} {r['region']:<12} calls {r['calls']:>6}  mean {r['mean_us']:8.3f} us")
+                print("  mean span per CTA (us):", {k_: round(v_, 1) for k_, v_ in spans.items()})
+          except Exception as e:  # one variant failing must not stop the others
+            emit(dict(variant=vname, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+            table.append((vname, "-", "-", "error", float("nan"), float("nan"), float("nan")))
+        finally:
+            for attr, val in saved.items():
+                setattr(fa, attr, val)
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, S={args.seq}, B={batch}, H=16, D=128")
+    print("| variant | mask | mode | ablation | ms | TFLOP/s (allowed area) | max rel err |")
+    for row in table:
+        print("| %s | %s | %s | %s | %.2f | %.0f | %.1e |" % row)
+
+
+if __name__ == "__main__":
+    main()
