@@ -184,13 +184,18 @@ SECTION = "## Hopper Pallas attention (tools/bench_attention.py)"
 
 
 def append_markdown(path, text):
-    """Append under our section header (created if absent); written to a temp file, renamed."""
+    """Add `text` at the end of our section (created if absent), before the next `## `
+    section; written to a temporary file, then renamed."""
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if SECTION not in old:
         old = old.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by tools/bench_attention.py; newest last.\n"
+    start = old.index(SECTION) + len(SECTION)
+    end = old.find("\n## ", start)
+    end = len(old) if end < 0 else end + 1
+    new = old[:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + old[end:] if end < len(old) else "")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(old.rstrip("\n") + "\n\n" + text)
+        f.write(new)
     os.replace(tmp, path)
 
 

@@ -51,6 +51,8 @@ _INT_MIN = -(2 ** 31)
 _INT_MAX = 2 ** 31 - 1
 
 _DQ_BK = 64               # dQ kernel key block (dQ, S and dP all live in registers)
+_DQ_STAGES = 2            # dQ kernel K/V ring depth
+_DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the dK/dV
@@ -480,7 +482,7 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
     batch, q_pad, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    bk, stages = _DQ_BK, 2
+    bk, stages = _DQ_BK, _DQ_STAGES
     nq = q_pad // _FWD_BQ
     dtype = q.dtype
     f32 = jnp.float32
@@ -681,7 +683,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
     kv_pad, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     nk = kv_pad // _BWD_BK
-    stages = 2
+    stages = _DKDV_STAGES
     dtype = q.dtype
     f32 = jnp.float32
     c2 = st.scale * _LOG2E
