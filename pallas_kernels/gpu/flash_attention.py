@@ -258,6 +258,74 @@ def _key_ids(plgpu, shape, axis, start, st):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA) + start
 
 
+def _snake_deal(total, grid, cta):
+    """A persistent grid's share of `total` work items: (item_index(n), number of items).
+    Items are dealt out in rounds of `grid`, the order reversed every other round (a snake),
+    so every CTA gets a mix of long and short items: plain round-robin aliases with periodic
+    masks (with 132 SMs and 8 query blocks per 1024-token chunk, some CTAs drew only the
+    longest items: ~25% idle at the end)."""
+    full_rounds, rest = total // grid, total % grid
+
+    def item_index(n):
+        return n * grid + jnp.where(lax.rem(n, 2) == 1, grid - 1 - cta, cta)
+
+    last_pos = (grid - 1 - cta) if full_rounds % 2 == 1 else cta
+    return item_index, full_rounds + (last_pos < rest).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KVStream:
+    """The memory warpgroup's K/V pipeline of the query-stationary kernels (forward, dQ):
+    for one (batch, query block) item, TMA copies of every listed key block's K (with its
+    per-key mask vectors) and V into a ring of `stages` slots, each slot handed back by
+    the compute warpgroups through k_free / v_free."""
+    ins: dict
+    lists_ref: object
+    counts_ref: object
+    bk: int
+    stages: int
+    col_names: tuple
+    k_smem: object
+    v_smem: object
+    vec_smem: dict
+    k_ready: object
+    v_ready: object
+    k_free: object
+    v_free: object
+    q_free: object
+
+    def __call__(self, b, hk, qb, step):
+        """Stream the item's key blocks, ring slots counted from `step`; returns the count."""
+        pl, plgpu = _plgpu()
+        ins, lists_ref, bk = self.ins, self.lists_ref, self.bk
+        count = self.counts_ref[b, qb]
+
+        def kv_step(i, entry):
+            next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]  # prefetch
+            slot = lax.rem(step + i, self.stages)
+            ks = pl.ds(lax.div(entry, 2) * bk, bk)
+            plgpu.barrier_wait(self.k_free.at[slot])
+            plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], self.k_smem.at[slot], self.k_ready.at[slot])
+            for c in self.col_names:
+                plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], self.vec_smem[f"col_{c}"].at[slot],
+                                        self.k_ready.at[slot])
+            plgpu.barrier_wait(self.v_free.at[slot])
+            plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], self.v_smem.at[slot], self.v_ready.at[slot])
+            return next_entry
+
+        lax.fori_loop(0, count, kv_step, lists_ref[b, qb, 0])
+        return count
+
+    def drain(self, my_items):
+        """Observe the final releases too, so every barrier phase is accounted for."""
+        pl, plgpu = _plgpu()
+        for s in range(self.stages):
+            plgpu.barrier_wait(self.k_free.at[s])
+            plgpu.barrier_wait(self.v_free.at[s])
+        for n in range(2):
+            pl.when(my_items > n)(lambda: plgpu.barrier_wait(self.q_free.at[n]))
+
+
 def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
     pl, plgpu = _plgpu()
     batch, q_pad, hq, d = q.shape
@@ -290,17 +358,7 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         out_ref, lse_ref = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
-        # Items are dealt out in rounds of `grid`, the order reversed every other round
-        # (a snake), so every CTA gets a mix of long and short items: plain round-robin
-        # aliases with periodic masks (with 132 SMs and 8 query blocks per 1024-token chunk,
-        # some CTAs drew only the longest items: ~25% idle at the end).
-        full_rounds, rest = total // grid, total % grid
-
-        def item_index(n):
-            return n * grid + jnp.where(lax.rem(n, 2) == 1, grid - 1 - cta, cta)
-
-        last_pos = (grid - 1 - cta) if full_rounds % 2 == 1 else cta
-        my_items = full_rounds + (last_pos < rest).astype(jnp.int32)
+        item_index, my_items = _snake_deal(total, grid, cta)
 
         def rendezvous():
             plgpu.barrier_arrive(sched)
@@ -399,6 +457,8 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
+            stream_kv = _KVStream(ins, lists_ref, counts_ref, bk, stages, col_names, k_smem, v_smem,
+                                  vec_smem, k_ready, v_ready, k_free, v_free, q_free)
 
             def item(n, step):
                 b, h, qb = decode(item_index(n))
@@ -416,31 +476,10 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
                     for r in row_names:
                         plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, rs],
                                                 vec_smem[f"row_{r}"].at[qbuf, w], q_ready.at[qbuf])
-                count = counts_ref[b, qb]
-
-                def kv_step(i, entry):
-                    next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]  # prefetch
-                    slot = lax.rem(step + i, stages)
-                    ks = pl.ds(lax.div(entry, 2) * bk, bk)
-                    plgpu.barrier_wait(k_free.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], k_smem.at[slot], k_ready.at[slot])
-                    for c in col_names:
-                        plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], vec_smem[f"col_{c}"].at[slot],
-                                                k_ready.at[slot])
-                    plgpu.barrier_wait(v_free.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], v_smem.at[slot], v_ready.at[slot])
-                    return next_entry
-
-                lax.fori_loop(0, count, kv_step, lists_ref[b, qb, 0])
-                return step + count
+                return step + stream_kv(b, hk, qb, step)
 
             lax.fori_loop(0, my_items, item, jnp.int32(0))
-            # Observe the final releases too, so every barrier phase is accounted for.
-            for s in range(stages):
-                plgpu.barrier_wait(k_free.at[s])
-                plgpu.barrier_wait(v_free.at[s])
-            for n in range(2):
-                pl.when(my_items > n)(lambda: plgpu.barrier_wait(q_free.at[n]))
+            stream_kv.drain(my_items)
 
     scratch = dict(
         q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
@@ -508,13 +547,7 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
         (dq_ref,) = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
-        full_rounds, rest = total // grid, total % grid
-
-        def item_index(n):   # the forward's snake deal
-            return n * grid + jnp.where(lax.rem(n, 2) == 1, grid - 1 - cta, cta)
-
-        last_pos = (grid - 1 - cta) if full_rounds % 2 == 1 else cta
-        my_items = full_rounds + (last_pos < rest).astype(jnp.int32)
+        item_index, my_items = _snake_deal(total, grid, cta)
 
         def rendezvous():
             plgpu.barrier_arrive(sched)
@@ -597,6 +630,8 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
+            stream_kv = _KVStream(ins, lists_ref, counts_ref, bk, stages, col_names, k_smem, v_smem,
+                                  vec_smem, k_ready, v_ready, k_free, v_free, q_free)
 
             def item(n, step):
                 b, h, qb = decode(item_index(n))
@@ -617,30 +652,10 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
                     for r in row_names:
                         plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, rs],
                                                 vec_smem[f"row_{r}"].at[qbuf, w], ready)
-                count = counts_ref[b, qb]
-
-                def kv_step(i, entry):
-                    next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]
-                    slot = lax.rem(step + i, stages)
-                    ks = pl.ds(lax.div(entry, 2) * bk, bk)
-                    plgpu.barrier_wait(k_free.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], k_smem.at[slot], k_ready.at[slot])
-                    for c in col_names:
-                        plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], vec_smem[f"col_{c}"].at[slot],
-                                                k_ready.at[slot])
-                    plgpu.barrier_wait(v_free.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], v_smem.at[slot], v_ready.at[slot])
-                    return next_entry
-
-                lax.fori_loop(0, count, kv_step, lists_ref[b, qb, 0])
-                return step + count
+                return step + stream_kv(b, hk, qb, step)
 
             lax.fori_loop(0, my_items, item, jnp.int32(0))
-            for s_ in range(stages):
-                plgpu.barrier_wait(k_free.at[s_])
-                plgpu.barrier_wait(v_free.at[s_])
-            for n in range(2):
-                pl.when(my_items > n)(lambda: plgpu.barrier_wait(q_free.at[n]))
+            stream_kv.drain(my_items)
 
     scratch = dict(
         q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
