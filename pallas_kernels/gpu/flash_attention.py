@@ -57,7 +57,7 @@ _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the dK/dV
 # kernel (per-warpgroup traces of its `jax.named_scope` regions, written there); `_ABLATE`
-# drops parts of the backward for timing attribution only, the results are then WRONG:
+# drops parts of the dK/dV kernel for timing attribution only, the results are then WRONG:
 # "exp" (no exponentials), "steps" (no tiles: launch and epilogue cost only).
 _PROFILE_DIR: str | None = None
 _ABLATE: frozenset = frozenset()
