@@ -23,25 +23,19 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels.mask import MaskSpec, allowed_flops  # noqa: E402
+from tools.bench_attention import mask_args, mask_spec, timed  # noqa: E402
 
 fa = importlib.import_module("pallas_kernels.gpu.flash_attention")
 
 
-def median_ms(fn, args, reps=15):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def median_ms(fn, args):
+    return 1e3 * timed(fn, args, budget_s=0.5)[0]
 
 
 def inputs(batch, seq, heads, dim=128, seed=0):
@@ -49,10 +43,9 @@ def inputs(batch, seq, heads, dim=128, seed=0):
     return [jax.random.normal(k, (batch, seq, heads, dim), jnp.float32).astype(jnp.bfloat16) for k in ks]
 
 
-def masks(batch, seq):
-    seg = jnp.broadcast_to(1 + jnp.arange(seq, dtype=jnp.int32) // (seq // 8), (batch, seq))
-    return {"causal": MaskSpec(), "window": MaskSpec(window=1024), "chunk": MaskSpec(chunk=1024),
-            "documents": MaskSpec(q_segment_ids=seg)}
+def bench_mask(name, batch, seq):
+    """The benchmark's masks (tools/bench_attention.py), so probe and benchmark agree."""
+    return mask_spec(name, mask_args(name, batch, seq))
 
 
 def time_bwd(q, k, v, do, mask, ablate=()):
@@ -82,7 +75,7 @@ def check_grads(seed=0):
         k, v = (jax.random.normal(kk, (b, t, hkv, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[1:3])
         do = jax.random.normal(ks[3], (b, t, hq, d), jnp.float32).astype(jnp.bfloat16)
         seg = jnp.broadcast_to(1 + jnp.arange(t, dtype=jnp.int32) // 300, (b, t))
-        mask = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+
         def grads(fn, q, k, v, do, seg):
             m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
             return jax.vjp(lambda q, k, v: fn(q, k, v, m).astype(jnp.float32), q, k, v)[1](
@@ -130,7 +123,7 @@ def summarise_trace(path):
 
 def profile_bwd(out_dir, mask_name, seq=8192, heads=2, batch=1, ablate=()):
     q, k, v, do = inputs(batch, seq, heads)
-    mask = masks(batch, seq)[mask_name]
+    mask = bench_mask(mask_name, batch, seq)
     out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
     prof = os.path.join("/tmp/probe_traces", f"prof_{mask_name}")  # traces are large
     os.makedirs(prof, exist_ok=True)
@@ -183,7 +176,7 @@ def main():
             if args.check:
                 emit(dict(variant=vname, max_rel_err=err))
             for name in args.masks.split(","):
-                mask = masks(batch, args.seq)[name]
+                mask = bench_mask(name, batch, args.seq)
                 flops = float(allowed_flops(mask, batch, args.seq, args.seq, 16, 128))
                 for cfg in (args.fwd_configs.split(";") if args.fwd else []):
                     bk, stages = map(int, cfg.split(","))

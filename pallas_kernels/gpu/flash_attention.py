@@ -273,57 +273,51 @@ def _snake_deal(total, grid, cta):
     return item_index, full_rounds + (last_pos < rest).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class _KVStream:
-    """The memory warpgroup's K/V pipeline of the query-stationary kernels (forward, dQ):
-    for one (batch, query block) item, TMA copies of every listed key block's K (with its
-    per-key mask vectors) and V into a ring of `stages` slots, each slot handed back by
+def _memory_warpgroup(ins, lists_ref, counts_ref, *, my_items, item_index, decode, group, bk,
+                      stages, col_names, load_q, k_smem, v_smem, vec_smem, k_ready, v_ready,
+                      k_free, v_free, q_free):
+    """The memory warpgroup of the query-stationary kernels (forward, dQ). Per work item
+    (batch, head, query block): wait until the item's query buffer (of two) is free, let
+    `load_q(b, h, qb, qbuf)` issue its copies, then TMA-copy every listed key block's K (with
+    its per-key mask vectors) and V into a ring of `stages` slots, each slot handed back by
     the compute warpgroups through k_free / v_free."""
-    ins: dict
-    lists_ref: object
-    counts_ref: object
-    bk: int
-    stages: int
-    col_names: tuple
-    k_smem: object
-    v_smem: object
-    vec_smem: dict
-    k_ready: object
-    v_ready: object
-    k_free: object
-    v_free: object
-    q_free: object
+    pl, plgpu = _plgpu()
 
-    def __call__(self, b, hk, qb, step):
-        """Stream the item's key blocks, ring slots counted from `step`; returns the count."""
-        pl, plgpu = _plgpu()
-        ins, lists_ref, bk = self.ins, self.lists_ref, self.bk
-        count = self.counts_ref[b, qb]
+    def item(n, step):
+        b, h, qb = decode(item_index(n))
+        qbuf = lax.rem(n, 2)
+        hk = lax.div(h, group)
+
+        @pl.when(n >= 2)
+        def _():
+            plgpu.barrier_wait(q_free.at[qbuf])
+
+        load_q(b, h, qb, qbuf)
+        count = counts_ref[b, qb]
 
         def kv_step(i, entry):
             next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]  # prefetch
-            slot = lax.rem(step + i, self.stages)
+            slot = lax.rem(step + i, stages)
             ks = pl.ds(lax.div(entry, 2) * bk, bk)
-            plgpu.barrier_wait(self.k_free.at[slot])
-            plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], self.k_smem.at[slot], self.k_ready.at[slot])
-            for c in self.col_names:
-                plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], self.vec_smem[f"col_{c}"].at[slot],
-                                        self.k_ready.at[slot])
-            plgpu.barrier_wait(self.v_free.at[slot])
-            plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], self.v_smem.at[slot], self.v_ready.at[slot])
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], k_smem.at[slot], k_ready.at[slot])
+            for c in col_names:
+                plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], vec_smem[f"col_{c}"].at[slot],
+                                        k_ready.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], v_smem.at[slot], v_ready.at[slot])
             return next_entry
 
         lax.fori_loop(0, count, kv_step, lists_ref[b, qb, 0])
-        return count
+        return step + count
 
-    def drain(self, my_items):
-        """Observe the final releases too, so every barrier phase is accounted for."""
-        pl, plgpu = _plgpu()
-        for s in range(self.stages):
-            plgpu.barrier_wait(self.k_free.at[s])
-            plgpu.barrier_wait(self.v_free.at[s])
-        for n in range(2):
-            pl.when(my_items > n)(lambda: plgpu.barrier_wait(self.q_free.at[n]))
+    lax.fori_loop(0, my_items, item, jnp.int32(0))
+    # Observe the final releases too, so every barrier phase is accounted for.
+    for s in range(stages):
+        plgpu.barrier_wait(k_free.at[s])
+        plgpu.barrier_wait(v_free.at[s])
+    for n in range(2):
+        pl.when(my_items > n)(lambda: plgpu.barrier_wait(q_free.at[n]))
 
 
 def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
@@ -457,18 +451,8 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            stream_kv = _KVStream(ins, lists_ref, counts_ref, bk, stages, col_names, k_smem, v_smem,
-                                  vec_smem, k_ready, v_ready, k_free, v_free, q_free)
 
-            def item(n, step):
-                b, h, qb = decode(item_index(n))
-                qbuf = lax.rem(n, 2)
-                hk = lax.div(h, group)
-
-                @pl.when(n >= 2)
-                def _():
-                    plgpu.barrier_wait(q_free.at[qbuf])
-
+            def load_q(b, h, qb, qbuf):
                 for w in range(2):
                     rs = pl.ds(qb * _FWD_BQ + w * _ROWS, _ROWS)
                     plgpu.copy_gmem_to_smem(ins["q"].at[b, rs, h], q_smem.at[qbuf, w],
@@ -476,10 +460,12 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
                     for r in row_names:
                         plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, rs],
                                                 vec_smem[f"row_{r}"].at[qbuf, w], q_ready.at[qbuf])
-                return step + stream_kv(b, hk, qb, step)
 
-            lax.fori_loop(0, my_items, item, jnp.int32(0))
-            stream_kv.drain(my_items)
+            _memory_warpgroup(ins, lists_ref, counts_ref, my_items=my_items, item_index=item_index,
+                              decode=decode, group=group, bk=bk, stages=stages, col_names=col_names,
+                              load_q=load_q, k_smem=k_smem, v_smem=v_smem, vec_smem=vec_smem,
+                              k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free,
+                              q_free=q_free)
 
     scratch = dict(
         q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
@@ -630,21 +616,11 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            stream_kv = _KVStream(ins, lists_ref, counts_ref, bk, stages, col_names, k_smem, v_smem,
-                                  vec_smem, k_ready, v_ready, k_free, v_free, q_free)
 
-            def item(n, step):
-                b, h, qb = decode(item_index(n))
-                qbuf = lax.rem(n, 2)
-                hk = lax.div(h, group)
-
-                @pl.when(n >= 2)
-                def _():
-                    plgpu.barrier_wait(q_free.at[qbuf])
-
+            def load_q(b, h, qb, qbuf):
+                ready = q_ready.at[qbuf]
                 for w in range(2):
                     rs = pl.ds(qb * _FWD_BQ + w * _ROWS, _ROWS)
-                    ready = q_ready.at[qbuf]
                     plgpu.copy_gmem_to_smem(ins["q"].at[b, rs, h], q_smem.at[qbuf, w], ready)
                     plgpu.copy_gmem_to_smem(ins["do"].at[b, rs, h], do_smem.at[qbuf, w], ready)
                     plgpu.copy_gmem_to_smem(ins["lse"].at[b, h, rs], lse_smem.at[qbuf, w], ready)
@@ -652,10 +628,12 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
                     for r in row_names:
                         plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, rs],
                                                 vec_smem[f"row_{r}"].at[qbuf, w], ready)
-                return step + stream_kv(b, hk, qb, step)
 
-            lax.fori_loop(0, my_items, item, jnp.int32(0))
-            stream_kv.drain(my_items)
+            _memory_warpgroup(ins, lists_ref, counts_ref, my_items=my_items, item_index=item_index,
+                              decode=decode, group=group, bk=bk, stages=stages, col_names=col_names,
+                              load_q=load_q, k_smem=k_smem, v_smem=v_smem, vec_smem=vec_smem,
+                              k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free,
+                              q_free=q_free)
 
     scratch = dict(
         q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
