@@ -4,8 +4,8 @@ One device call runs, for chosen shapes and masks: (1) variants given as module-
 overrides (`name:attr=value;attr=value`, e.g. `bk128:_DQ_BK=128`), each optionally checked
 against the float32 reference (--check); (2) timings of the backward, also with parts
 dropped (`flash_attention._ABLATE`: results then wrong, timing only) and of the forward
-per block configuration (--fwd); (3) Mosaic GPU's in-kernel profiler on the dK/dV kernel
-over a small grid, summarised per named region and warpgroup (--profile). Prints a short
+per block configuration (--fwd); (3) Mosaic GPU's in-kernel profiler on one kernel (--profile-kernel)
+over a chosen grid, summarised per named region and warpgroup (--profile). Prints a short
 table last; full logs under --out. Not a benchmark of record: tools/bench_attention.py is.
 
     python tools/probe_hopper.py --out $OUT --check --masks causal,window --ablations none,exp
@@ -64,7 +64,7 @@ def time_fwd(q, k, v, mask, **kw):
 
 
 def check_grads(seed=0):
-    """Max relative error of (dq, dk, dv) against the float32 reference on small random
+    """Max relative error of (dq, dk, dv, out) against the float32 reference on small random
     problems (GQA, a length that needs padding, causal and a documents+window mask)."""
     from pallas_kernels.reference import attention_reference
     errs = []
@@ -84,7 +84,10 @@ def check_grads(seed=0):
             q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), m)
         got = jax.jit(functools.partial(grads, fa.flash_attention))(q, k, v, do, seg)
         ref = jax.jit(functools.partial(grads, ref_fn))(q, k, v, do, seg)
-        for name, g, r in zip("qkv", got, ref):
+        m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+        got = (*got, jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, m))(q, k, v))
+        ref = (*ref, ref_fn(q, k, v, m))
+        for name, g, r in zip("qkvo", got, ref):
             g, r = g.astype(jnp.float32), r.astype(jnp.float32)
             err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
             errs.append(err if bool(jnp.isfinite(g).all()) else float("nan"))
@@ -121,18 +124,25 @@ def summarise_trace(path):
     return rows, {wg: statistics.mean(s) for wg, s in spans.items()}
 
 
-def profile_bwd(out_dir, mask_name, seq=8192, heads=2, batch=1, ablate=()):
+def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), space=128):
+    """Run `kernel` ("fwd", "dq" or "dkdv") once with Mosaic GPU's in-kernel profiler on;
+    returns summarise_trace of its trace."""
     q, k, v, do = inputs(batch, seq, heads)
     mask = bench_mask(mask_name, batch, seq)
     out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
-    prof = os.path.join("/tmp/probe_traces", f"prof_{mask_name}")  # traces are large
+    prof = os.path.join("/tmp/probe_traces", f"prof_{kernel}_{mask_name}")  # traces are large
     os.makedirs(prof, exist_ok=True)
-    fa._PROFILE_DIR, fa._ABLATE = prof, frozenset(ablate)
+    saved = fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE, fa._ABLATE
+    fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE = prof, kernel, space
+    fa._ABLATE = frozenset(ablate)
     try:
-        f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
+        if kernel == "fwd":
+            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_fwd(q, k, v, mask))
+        else:
+            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
         jax.block_until_ready(f(q, k, v, out, lse, do))
     finally:
-        fa._PROFILE_DIR, fa._ABLATE = None, frozenset()
+        fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE, fa._ABLATE = saved
     files = sorted(glob.glob(os.path.join(prof, "*.json")), key=os.path.getmtime)
     return summarise_trace(files[-1]) if files else ([], {})
 
@@ -159,8 +169,11 @@ def main():
     p.add_argument("--check", action="store_true", help="check gradients of every variant")
     p.add_argument("--profile", default="", help="masks to profile ('' = none)")
     p.add_argument("--profile-ablate", default="none", help="ablations to profile with")
+    p.add_argument("--profile-kernel", default="dkdv", help="fwd, dq or dkdv")
+    p.add_argument("--profile-shape", default="1,2", help="batch,heads of the profiled run")
+    p.add_argument("--profile-space", type=int, default=128, help="regions recorded per warpgroup")
     p.add_argument("--fwd", action="store_true", help="also time the forward per mask")
-    p.add_argument("--fwd-configs", default="128,2", help="forward 'block_kv,num_stages' list, ';'-separated")
+    p.add_argument("--fwd-configs", default="128,2", help="forward 'block_kv,num_stages[,num_ctas]' list, ';'-separated")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "probe.jsonl"), "a")
@@ -179,9 +192,10 @@ def main():
                 mask = bench_mask(name, batch, args.seq)
                 flops = float(allowed_flops(mask, batch, args.seq, args.seq, 16, 128))
                 for cfg in (args.fwd_configs.split(";") if args.fwd else []):
-                    bk, stages = map(int, cfg.split(","))
-                    ms = time_fwd(q, k, v, mask, block_kv=bk, num_stages=stages)
-                    table.append((vname, name, "fwd", f"bk{bk} st{stages}", ms, flops / ms / 1e9, err))
+                    bk, stages, *ctas = map(int, cfg.split(","))
+                    ms = time_fwd(q, k, v, mask, block_kv=bk, num_stages=stages,
+                                  num_ctas=ctas[0] if ctas else None)
+                    table.append((vname, name, "fwd", f"bk{bk} st{stages}" + (f" ctas{ctas[0]}" if ctas else ""), ms, flops / ms / 1e9, err))
                     emit(dict(variant=vname, mask=name, mode="fwd", block_kv=bk, stages=stages, ms=ms))
                 for ab in filter(None, args.ablations.split(",")):
                     ablate = () if ab == "none" else tuple(ab.split("+"))
@@ -191,12 +205,16 @@ def main():
             for name, ab in [(n, a) for n in filter(None, args.profile.split(","))
                              for a in args.profile_ablate.split(",")]:
                 ablate = () if ab == "none" else tuple(ab.split("+"))
-                rows, spans = profile_bwd(args.out, name, seq=args.seq, ablate=ablate)
+                pb, ph = map(int, args.profile_shape.split(","))
+                rows, spans = profile(name, args.profile_kernel, seq=args.seq, batch=pb, heads=ph,
+                                      ablate=ablate, space=args.profile_space)
                 for r in rows:
                     emit(dict(variant=vname, profile=name, ablate=ab, **r))
-                print(f"\nprofile {vname} {name} ablate={ab} (S={args.seq}, B=1, H=2; mean us per call):")
+                print(f"\nprofile {args.profile_kernel} {vname} {name} ablate={ab} (S={args.seq}, "
+                      f"B,H={args.profile_shape}; mean us per call):")
                 for r in rows:
-                    print(f"  wg{r['wg']} {r['region']:<12} calls {r['calls']:>6}  mean {r['mean_us']:8.3f} us")
+                    print(f"  wg{r['wg']} {r['region']:<12} calls {r['calls']:>6}  mean {r['mean_us']:8.3f} us"
+                          f"  total {r['total_ms']:9.3f} ms")
                 print("  mean span per CTA (us):", {k_: round(v_, 1) for k_, v_ in spans.items()})
           except Exception as e:  # one variant failing must not stop the others
             emit(dict(variant=vname, error=f"{type(e).__name__}: {str(e)[:2000]}"))

@@ -55,11 +55,15 @@ _DQ_STAGES = 2            # dQ kernel K/V ring depth
 _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
-# jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the dK/dV
-# kernel (per-warpgroup traces of its `jax.named_scope` regions, written there); `_ABLATE`
-# drops parts of the dK/dV kernel for timing attribution only, the results are then WRONG:
-# "exp" (no exponentials), "steps" (no tiles: launch and epilogue cost only).
+# jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the kernel
+# named by `_PROFILE_KERNEL` ("fwd", "dq", "dkdv": per-warpgroup traces of its
+# `jax.named_scope` regions, the first `_PROFILE_SPACE` per warpgroup, written there); `_ABLATE`
+# drops parts of a kernel for timing attribution only, the results are then WRONG: dK/dV
+# "exp" (no exponentials), "steps" (no tiles: launch and epilogue cost only); forward
+# "fwd_exp" (no exponentials), "fwd_rescale" (no O rescale), "fwd_pingpong" (no ping-pong).
 _PROFILE_DIR: str | None = None
+_PROFILE_KERNEL = "dkdv"
+_PROFILE_SPACE = 128      # SMEM: 48 bytes per region (3 warpgroups)
 _ABLATE: frozenset = frozenset()
 
 
@@ -219,10 +223,10 @@ def _wgmma_group(accs, ops):
     return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
-def _compiler_params(plgpu, profile=False):
-    if profile and _PROFILE_DIR:
-        return plgpu.CompilerParams(approx_math=True, profile_space=128, profile_dir=_PROFILE_DIR,
-                                    profile_bounds_check=True)
+def _compiler_params(plgpu, kernel):
+    if _PROFILE_DIR and kernel == _PROFILE_KERNEL:
+        return plgpu.CompilerParams(approx_math=True, profile_space=_PROFILE_SPACE,
+                                    profile_dir=_PROFILE_DIR, profile_bounds_check=True)
     return plgpu.CompilerParams(approx_math=True)
 
 
@@ -288,23 +292,23 @@ def _memory_warpgroup(ins, lists_ref, counts_ref, *, my_items, item_index, decod
         qbuf = lax.rem(n, 2)
         hk = lax.div(h, group)
 
-        @pl.when(n >= 2)
-        def _():
-            plgpu.barrier_wait(q_free.at[qbuf])
-
-        load_q(b, h, qb, qbuf)
+        with jax.named_scope("mem_q"):
+            pl.when(n >= 2)(lambda: plgpu.barrier_wait(q_free.at[qbuf]))
+            load_q(b, h, qb, qbuf)
         count = counts_ref[b, qb]
 
         def kv_step(i, entry):
             next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]  # prefetch
             slot = lax.rem(step + i, stages)
             ks = pl.ds(lax.div(entry, 2) * bk, bk)
-            plgpu.barrier_wait(k_free.at[slot])
+            with jax.named_scope("wait_kfree"):
+                plgpu.barrier_wait(k_free.at[slot])
             plgpu.copy_gmem_to_smem(ins["k"].at[b, ks, hk], k_smem.at[slot], k_ready.at[slot])
             for c in col_names:
                 plgpu.copy_gmem_to_smem(ins[f"col_{c}"].at[b, ks], vec_smem[f"col_{c}"].at[slot],
                                         k_ready.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+            with jax.named_scope("wait_vfree"):
+                plgpu.barrier_wait(v_free.at[slot])
             plgpu.copy_gmem_to_smem(ins["v"].at[b, ks, hk], v_smem.at[slot], v_ready.at[slot])
             return next_entry
 
@@ -354,11 +358,14 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
         item_index, my_items = _snake_deal(total, grid, cta)
 
-        def rendezvous():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
+        pingpong = "fwd_pingpong" not in _ABLATE
+        ex2 = (lambda x: x) if "fwd_exp" in _ABLATE else jnp.exp2
 
-        @pl.when(wg < 2)
+        def rendezvous():
+            if pingpong:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             for s in range(stages):   # every K/V slot starts out free
@@ -376,28 +383,31 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
             def item(n, step):
                 b, h, qb = decode(item_index(n))
                 qbuf = lax.rem(n, 2)
-                count = counts_ref[b, qb]
-                first_entry = lists_ref[b, qb, 0]
-                plgpu.barrier_wait(q_ready.at[qbuf])
-                row_vals = {r: plgpu.load(vec_smem[f"row_{r}"].at[qbuf, wg], layout=ROW)
-                            for r in row_names}
-                m0 = plgpu.layout_cast(jnp.full((_ROWS,), -1e30, f32), ROW)  # finite: no inf-inf
-                l0 = plgpu.layout_cast(jnp.zeros((_ROWS,), f32), ROW)
-                acc0 = plgpu.layout_cast(jnp.zeros((_ROWS, d), f32), WGMMA)
-                pl.when(wg == 1)(rendezvous)  # offset the two warpgroups by half a step
+                with jax.named_scope("item_start"):
+                    count = counts_ref[b, qb]
+                    first_entry = lists_ref[b, qb, 0]
+                    plgpu.barrier_wait(q_ready.at[qbuf])
+                    row_vals = {r: plgpu.load(vec_smem[f"row_{r}"].at[qbuf, wg], layout=ROW)
+                                for r in row_names}
+                    m0 = plgpu.layout_cast(jnp.full((_ROWS,), -1e30, f32), ROW)  # finite: no inf-inf
+                    l0 = plgpu.layout_cast(jnp.zeros((_ROWS,), f32), ROW)
+                    acc0 = plgpu.layout_cast(jnp.zeros((_ROWS, d), f32), WGMMA)
+                    pl.when(wg == 1)(rendezvous)  # offset the two warpgroups by half a step
 
                 def kv_step(i, carry):
                     acc, m_i, l_i, entry = carry
                     next_entry = lists_ref[b, qb, jnp.minimum(i + 1, count - 1)]  # prefetch
                     slot = lax.rem(step + i, stages)
-                    plgpu.barrier_wait(k_ready.at[slot])
+                    with jax.named_scope("wait_k"):
+                        plgpu.barrier_wait(k_ready.at[slot])
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem.at[qbuf, wg], k_smem.at[slot].T)
                         rendezvous()
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), f32))
+                    with jax.named_scope("qk"):
+                        s = pl.run_scoped(qk, plgpu.ACC((_ROWS, bk), f32))
                     if st.needs_mask:
                         def masked():
                             col_vals = {c: plgpu.load(vec_smem[f"col_{c}"].at[slot], layout=COL)
@@ -410,25 +420,37 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
                     plgpu.barrier_arrive(k_free.at[slot])
                     pl.when((i == 0) & (n > 0))(lambda: release_previous_q(qbuf))
 
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(dtype)
-                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                    plgpu.barrier_arrive(sched)   # softmax done: let the other warpgroup's QK in
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_wait(sched)
+                    with jax.named_scope("softmax"):
+                        m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+                        alpha = ex2(m_i - m_new)
+                        p = ex2(s * c2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                        if "fwd_rescale" not in _ABLATE:
+                            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                        l_i = l_i * alpha + p.sum(axis=1)
+                        p16 = p.astype(dtype)
+                        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                    with jax.named_scope("wait_v"):
+                        if pingpong:   # softmax done: let the other warpgroup's QK in
+                            plgpu.barrier_arrive(sched)
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        if pingpong:
+                            plgpu.barrier_wait(sched)
 
-                    (acc,) = _wgmma_group((acc,), [(0, p16, v_smem.at[slot])])
+                    with jax.named_scope("pv"):
+                        (acc,) = _wgmma_group((acc,), [(0, p16, v_smem.at[slot])])
                     plgpu.barrier_arrive(v_free.at[slot])
                     return acc, m_new, l_i, next_entry
 
                 acc, m_i, l_i, _ = lax.fori_loop(0, count, kv_step, (acc0, m0, l0, first_entry))
                 pl.when((count == 0) & (n > 0))(lambda: release_previous_q(qbuf))
-                pl.when(wg == 0)(rendezvous)
+                with jax.named_scope("item_sync"):
+                    pl.when(wg == 0)(rendezvous)
+                with jax.named_scope("epilogue"):
+                    finish_item(b, h, qb, qbuf, acc, m_i, l_i)
+                return step + count
 
+            def finish_item(b, h, qb, qbuf, acc, m_i, l_i):
+                """Normalise O, write O and lse (TMA stores, waited one item later)."""
                 empty = l_i == 0.0
                 safe_l = jnp.where(empty, 1.0, l_i)
                 inv_l = jnp.where(empty, 0.0, 1.0 / safe_l)
@@ -442,11 +464,12 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
                 plgpu.copy_smem_to_gmem(lse_smem.at[qbuf, wg], lse_ref.at[b, h, pl.ds(q0, _ROWS)],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-                return step + count
 
             lax.fori_loop(0, my_items, item, jnp.int32(0))
             release_previous_q(lax.rem(my_items, 2))   # the last item's buffer
             plgpu.wait_smem_to_gmem(0)
+
+        pl.when(wg < 2)(_compute)
 
         @pl.when(wg == 2)
         def _memory():
@@ -492,7 +515,7 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
         scratch_types=scratch,
         grid=(grid,), grid_names=("cta",),
         num_threads=3, thread_name="wg",
-        compiler_params=_compiler_params(plgpu),
+        compiler_params=_compiler_params(plgpu, "fwd"),
     )
     args = dict(q=q, k=k, v=v, lists=lists, counts=counts, sinks=sinks,
                 **{f"row_{r}": rows[r] for r in row_names}, **{f"col_{c}": cols[c] for c in col_names})
@@ -661,7 +684,7 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
         scratch_types=scratch,
         grid=(grid,), grid_names=("cta",),
         num_threads=3, thread_name="wg",
-        compiler_params=_compiler_params(plgpu),
+        compiler_params=_compiler_params(plgpu, "dq"),
     )
     args = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, lists=lists, counts=counts, sinks=sinks,
                 **{f"row_{r}": rows[r] for r in row_names}, **{f"col_{c}": cols[c] for c in col_names})
@@ -806,7 +829,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         scratch_types=scratch,
         grid=(nk, hkv, batch), grid_names=("kb", "hk", "b"),
         num_threads=3, thread_name="wg",
-        compiler_params=_compiler_params(plgpu, profile=True),
+        compiler_params=_compiler_params(plgpu, "dkdv"),
     )
     args = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, lists=lists, counts=counts,
                 sinks=sinks, **{f"row_{r}": rows[r] for r in q_names},
