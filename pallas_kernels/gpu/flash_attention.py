@@ -324,6 +324,32 @@ def _memory_warpgroup(ins, lists_ref, counts_ref, *, my_items, item_index, decod
         pl.when(my_items > n)(lambda: plgpu.barrier_wait(q_free.at[n]))
 
 
+def _query_stationary_scratch(plgpu, *, d, dtype, bk, stages, row_names, col_names, q_copies,
+                              **per_item):
+    """SMEM and barriers of the query-stationary kernels (forward, dQ), as `_memory_warpgroup`
+    uses them: two buffers of per-item tiles (Q, plus `per_item`, e.g. dO), a K/V ring of
+    `stages` slots with the per-key mask vectors, and the ping-pong barrier. `q_copies` is the
+    number of TMA copies per warpgroup that fill one item's buffer besides the row vectors."""
+    scratch = dict(
+        q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
+        k_smem=_tiled(plgpu, (stages, bk, d), dtype),
+        v_smem=_tiled(plgpu, (stages, bk, d), dtype),
+        q_ready=plgpu.Barrier(num_arrivals=2 * (q_copies + len(row_names)), num_barriers=2),
+        q_free=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        k_ready=plgpu.Barrier(num_arrivals=1 + len(col_names), num_barriers=stages),
+        v_ready=plgpu.Barrier(num_barriers=stages),
+        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        sched=plgpu.Barrier(num_arrivals=2),
+        **per_item,
+    )
+    for r in row_names:
+        scratch[f"row_{r}"] = plgpu.SMEM((2, 2, _ROWS), jnp.int32)
+    for c in col_names:
+        scratch[f"col_{c}"] = plgpu.SMEM((stages, bk), jnp.int32)
+    return scratch
+
+
 def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
     pl, plgpu = _plgpu()
     batch, q_pad, hq, d = q.shape
@@ -490,23 +516,9 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
                               k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free,
                               q_free=q_free)
 
-    scratch = dict(
-        q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
-        k_smem=_tiled(plgpu, (stages, bk, d), dtype),
-        v_smem=_tiled(plgpu, (stages, bk, d), dtype),
-        lse_smem=plgpu.SMEM((2, 2, _ROWS), f32),
-        q_ready=plgpu.Barrier(num_arrivals=2 * (1 + len(row_names)), num_barriers=2),
-        q_free=plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        k_ready=plgpu.Barrier(num_arrivals=1 + len(col_names), num_barriers=stages),
-        v_ready=plgpu.Barrier(num_barriers=stages),
-        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        sched=plgpu.Barrier(num_arrivals=2),
-    )
-    for r in row_names:
-        scratch[f"row_{r}"] = plgpu.SMEM((2, 2, _ROWS), jnp.int32)
-    for c in col_names:
-        scratch[f"col_{c}"] = plgpu.SMEM((stages, bk), jnp.int32)
+    scratch = _query_stationary_scratch(plgpu, d=d, dtype=dtype, bk=bk, stages=stages,
+                                        row_names=row_names, col_names=col_names, q_copies=1,
+                                        lse_smem=plgpu.SMEM((2, 2, _ROWS), f32))
 
     call = plgpu.kernel(
         kernel,
@@ -658,25 +670,10 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
                               k_ready=k_ready, v_ready=v_ready, k_free=k_free, v_free=v_free,
                               q_free=q_free)
 
-    scratch = dict(
-        q_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
-        do_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
-        lse_smem=plgpu.SMEM((2, 2, _ROWS), f32),
-        delta_smem=plgpu.SMEM((2, 2, _ROWS), f32),
-        k_smem=_tiled(plgpu, (stages, bk, d), dtype),
-        v_smem=_tiled(plgpu, (stages, bk, d), dtype),
-        q_ready=plgpu.Barrier(num_arrivals=2 * (4 + len(row_names)), num_barriers=2),
-        q_free=plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        k_ready=plgpu.Barrier(num_arrivals=1 + len(col_names), num_barriers=stages),
-        v_ready=plgpu.Barrier(num_barriers=stages),
-        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        sched=plgpu.Barrier(num_arrivals=2),
-    )
-    for r in row_names:
-        scratch[f"row_{r}"] = plgpu.SMEM((2, 2, _ROWS), jnp.int32)
-    for c in col_names:
-        scratch[f"col_{c}"] = plgpu.SMEM((stages, bk), jnp.int32)
+    scratch = _query_stationary_scratch(
+        plgpu, d=d, dtype=dtype, bk=bk, stages=stages, row_names=row_names, col_names=col_names,
+        q_copies=4, do_smem=_tiled(plgpu, (2, 2, _ROWS, d), dtype),
+        lse_smem=plgpu.SMEM((2, 2, _ROWS), f32), delta_smem=plgpu.SMEM((2, 2, _ROWS), f32))
 
     call = plgpu.kernel(
         kernel,
