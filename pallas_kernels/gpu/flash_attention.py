@@ -262,6 +262,18 @@ def _key_ids(plgpu, shape, axis, start, st):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA) + start
 
 
+def _item_decoder(nq, hq, causal):
+    """Work item index -> (batch, head, query block) for the persistent kernels. Query blocks
+    vary fastest, so CTAs running together share one head's K/V in L2; under a causal mask
+    the heaviest (last) query blocks come first."""
+    def decode(t):
+        qb, bh = lax.rem(t, nq), lax.div(t, nq)
+        if causal:
+            qb = nq - 1 - qb
+        return lax.div(bh, hq), lax.rem(bh, hq), qb
+    return decode
+
+
 def _snake_deal(total, grid, cta):
     """A persistent grid's share of `total` work items: (item_index(n), number of items).
     Items are dealt out in rounds of `grid`, the order reversed every other round (a snake),
@@ -368,13 +380,7 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
     in_names = (["q", "k", "v"] + [f"row_{n}" for n in row_names] + [f"col_{n}" for n in col_names]
                 + (["sinks"] if st.has_sinks else []) + ["lists", "counts"])
 
-    def decode(t):
-        # Query blocks vary fastest, so CTAs running together share one head's K/V in L2;
-        # causal: heaviest (last) query blocks first.
-        qb, bh = lax.rem(t, nq), lax.div(t, nq)
-        if st.causal:
-            qb = nq - 1 - qb
-        return lax.div(bh, hq), lax.rem(bh, hq), qb
+    decode = _item_decoder(nq, hq, st.causal)
 
     def kernel(*refs, q_smem, k_smem, v_smem, lse_smem, q_ready, q_free, k_ready, v_ready,
                k_free, v_free, sched, **vec_smem):
@@ -556,11 +562,7 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
                 + [f"col_{n}" for n in col_names] + (["sinks"] if st.has_sinks else [])
                 + ["lists", "counts"])
 
-    def decode(t):   # as in the forward: query blocks fastest, heaviest first under causal
-        qb, bh = lax.rem(t, nq), lax.div(t, nq)
-        if st.causal:
-            qb = nq - 1 - qb
-        return lax.div(bh, hq), lax.rem(bh, hq), qb
+    decode = _item_decoder(nq, hq, st.causal)
 
     def kernel(*refs, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, q_ready, q_free,
                k_ready, v_ready, k_free, v_free, sched, **vec_smem):
