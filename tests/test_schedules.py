@@ -105,7 +105,10 @@ def test_window_kinds_match_reference(kind, form):
     bad = (got != want) & ~near
     assert not bad.any(), (f"seed={SEED} {kw}: steps {steps[bad][:5]} got {got[bad][:5]} "
                            f"want {want[bad][:5]}")
-    assert (got != want).mean() < 0.02, f"seed={SEED} {kw}: too many float32 boundary flips"
+    # Exact-integer points (cosine at u = 1/3, 1/2, 2/3, ...) may floor either way in float32; a
+    # few such flips are legitimate on a short climb, a systematic drift is not.
+    flips = int((got != want).sum())
+    assert flips <= max(4, 0.02 * len(steps)), f"seed={SEED} {kw}: {flips} float32 boundary flips"
     _check_properties(got, steps, final=final, start=start, climb=climb,
                       multiple=multiple_of or step_size)
 
