@@ -171,12 +171,23 @@ def _rel(x, ref):
 @on_gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(name):
+    _check_against_reference(name, deterministic=True)
+
+
+@on_gpu
+@pytest.mark.parametrize("name", ["causal", "non_causal_gqa_t_ne_s", "chunk", "combined_zigzag"])
+def test_fused_backward_matches_reference(name):
+    """deterministic=False: dQ fused into the dK/dV kernel and reduce-added in float32."""
+    _check_against_reference(name, deterministic=False)
+
+
+def _check_against_reference(name, deterministic):
     make_mask, b, t, s, hq, hkv, d, dtype = CASES[name]
     mask = make_mask(t, s)
-    q, k, v, do = _inputs(b, t, s, hq, hkv, d, dtype, seed=len(name))
+    q, k, v, do = _inputs(b, t, s, hq, hkv, d, dtype, seed=len(name) + 100 * (not deterministic))
 
     def kernel(q, k, v):
-        return fa.flash_attention(q, k, v, mask, return_lse=True)
+        return fa.flash_attention(q, k, v, mask, return_lse=True, deterministic=deterministic)
 
     def reference(q, k, v):
         f32 = lambda x: x.astype(jnp.float32)

@@ -1,7 +1,8 @@
 """Development probe for the Hopper kernels: where does the time of one kernel go?
 
 One device call runs, for chosen shapes and masks: (1) variants given as module-level
-overrides (`name:attr=value;attr=value`, e.g. `bk128:_DQ_BK=128`), each optionally checked
+overrides (`name:attr=value;attr=value`, e.g. `bk128:_DQ_BK=128`; the attr `deterministic`
+is passed to the backward instead, e.g. `fused:deterministic=False`), each optionally checked
 against the float32 reference (--check); (2) timings of the backward, also with parts
 dropped (`flash_attention._ABLATE`: results then wrong, timing only) and of the forward
 per block configuration (--fwd); (3) Mosaic GPU's in-kernel profiler on one kernel (--profile-kernel)
@@ -48,10 +49,11 @@ def bench_mask(name, batch, seq):
     return mask_spec(name, mask_args(name, batch, seq))
 
 
-def time_bwd(q, k, v, do, mask, ablate=()):
+def time_bwd(q, k, v, do, mask, ablate=(), **bwd_kw):
     fa._ABLATE = frozenset(ablate)
     out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
-    f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
+    f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do,
+                                                                     **bwd_kw))
     try:
         return median_ms(f, (q, k, v, out, lse, do))
     finally:
@@ -63,7 +65,7 @@ def time_fwd(q, k, v, mask, **kw):
     return median_ms(f, (q, k, v))
 
 
-def check_grads(seed=0):
+def check_grads(seed=0, **bwd_kw):
     """Max relative error of (dq, dk, dv, out) against the float32 reference on small random
     problems (GQA, a length that needs padding, causal and a documents+window mask)."""
     from pallas_kernels.reference import attention_reference
@@ -82,7 +84,8 @@ def check_grads(seed=0):
                 do.astype(jnp.float32))
         ref_fn = lambda q, k, v, m: attention_reference(
             q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), m)
-        got = jax.jit(functools.partial(grads, fa.flash_attention))(q, k, v, do, seg)
+        got = jax.jit(functools.partial(grads, functools.partial(fa.flash_attention, **bwd_kw)))(
+            q, k, v, do, seg)
         ref = jax.jit(functools.partial(grads, ref_fn))(q, k, v, do, seg)
         m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
         got = (*got, jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, m))(q, k, v))
@@ -124,7 +127,7 @@ def summarise_trace(path):
     return rows, {wg: statistics.mean(s) for wg, s in spans.items()}
 
 
-def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), space=128):
+def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), space=128, **bwd_kw):
     """Run `kernel` ("fwd", "dq" or "dkdv") once with Mosaic GPU's in-kernel profiler on;
     returns summarise_trace of its trace."""
     q, k, v, do = inputs(batch, seq, heads)
@@ -139,7 +142,8 @@ def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), spa
         if kernel == "fwd":
             f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_fwd(q, k, v, mask))
         else:
-            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do))
+            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do,
+                                                                             **bwd_kw))
         jax.block_until_ready(f(q, k, v, out, lse, do))
     finally:
         fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE, fa._ABLATE = saved
@@ -148,15 +152,19 @@ def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), spa
 
 
 def apply(variant):
-    """'name:attr=value;attr=value' -> sets fa.<attr> (values are Python literals)."""
+    """'name:attr=value;attr=value' -> sets fa.<attr> (values are Python literals), except
+    `deterministic`, returned as a keyword for the backward. Returns (name, saved, bwd_kw)."""
     import ast
     name, _, assigns = variant.partition(":")
-    saved = {}
+    saved, bwd_kw = {}, {}
     for a in filter(None, assigns.split(";")):
         attr, _, val = a.partition("=")
+        if attr == "deterministic":
+            bwd_kw[attr] = ast.literal_eval(val)
+            continue
         saved[attr] = getattr(fa, attr)
         setattr(fa, attr, ast.literal_eval(val))
-    return name, saved
+    return name, saved, bwd_kw
 
 
 def main():
@@ -182,10 +190,10 @@ def main():
     q, k, v, do = inputs(batch, args.seq, 16)
     table = []
     for variant in args.variants.split("|"):
-        vname, saved = apply(variant)
+        vname, saved, bwd_kw = apply(variant)
         try:
           try:
-            err = check_grads() if args.check else float("nan")
+            err = check_grads(**bwd_kw) if args.check else float("nan")
             if args.check:
                 emit(dict(variant=vname, max_rel_err=err))
             for name in args.masks.split(","):
@@ -199,7 +207,7 @@ def main():
                     emit(dict(variant=vname, mask=name, mode="fwd", block_kv=bk, stages=stages, ms=ms))
                 for ab in filter(None, args.ablations.split(",")):
                     ablate = () if ab == "none" else tuple(ab.split("+"))
-                    ms = time_bwd(q, k, v, do, mask, ablate)
+                    ms = time_bwd(q, k, v, do, mask, ablate, **bwd_kw)
                     table.append((vname, name, "bwd", ab, ms, 2.5 * flops / ms / 1e9, err))
                     emit(dict(variant=vname, mask=name, mode="bwd", ablate=ab, ms=ms))
             for name, ab in [(n, a) for n in filter(None, args.profile.split(","))
@@ -207,7 +215,7 @@ def main():
                 ablate = () if ab == "none" else tuple(ab.split("+"))
                 pb, ph = map(int, args.profile_shape.split(","))
                 rows, spans = profile(name, args.profile_kernel, seq=args.seq, batch=pb, heads=ph,
-                                      ablate=ablate, space=args.profile_space)
+                                      ablate=ablate, space=args.profile_space, **bwd_kw)
                 for r in rows:
                     emit(dict(variant=vname, profile=name, ablate=ab, **r))
                 print(f"\nprofile {args.profile_kernel} {vname} {name} ablate={ab} (S={args.seq}, "

@@ -19,8 +19,9 @@ Kernel structure (FlashAttention-3 style, one CTA = three warpgroups):
     for every query head of the GQA group (S^T and dP^T, so P^T and dS^T feed the dV and dK
     matmuls straight from registers). dQ: the forward's persistent query-stationary
     structure with 64-key blocks; dQ, S and dP stay in registers (three matmuls per tile).
-    A fused dQ reduce-added in float32 (five matmuls, FlashAttention-3 style) measured 1.56x
-    slower on an H100: the reduce-adds alone took half of the backward.
+    With `deterministic=False` the dK/dV kernel also computes dQ and TMA reduce-adds it in
+    float32 (five matmuls per tile, FlashAttention-3 style): on an H100 1.5x slower at 8K
+    causal, 13% faster at 32K.
 
 Measurements, versions and what did not help: docs/hopper_kernel_notes.md.
 
@@ -82,6 +83,7 @@ class _Static:
     block_kv: int
     num_stages: int
     num_ctas: int | None  # forward grid size; None = one CTA per SM
+    deterministic: bool = True  # backward: dQ by query blocks (else reduce-added, fused)
 
     @property
     def kv_padded(self) -> bool:
@@ -691,27 +693,33 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
     return dq
 
 
-def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _Static):
-    """dK, dV: one CTA per (batch, kv head, 128-key block); four matmuls per tile."""
+def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _Static,
+               dq_ref=None):
+    """dK, dV: one CTA per (batch, kv head, 128-key block); four matmuls per tile. With
+    `dq_ref` (a float32 [B, T, Hq, D] ref) also dQ, unscaled: a fifth matmul per tile whose
+    result is TMA reduce-added into dq_ref (fused; not bit-reproducible)."""
     pl, plgpu = _plgpu()
     batch, q_pad, hq, d = q.shape
     kv_pad, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     nk = kv_pad // _BWD_BK
-    stages = _DKDV_STAGES
+    fused = dq_ref is not None
+    stages = 2 if fused else _DKDV_STAGES   # fused: dS and dQ staging take the SMEM
     dtype = q.dtype
     f32 = jnp.float32
     c2 = st.scale * _LOG2E
     ROW, COL = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     WGMMA = plgpu.Layout.WGMMA
+    exchange = d == 128   # fused dQ: see the comment in the step below
+    chunk = 64            # fused dQ: columns each warpgroup reduce-adds per step
     # In the transposed tile (keys x queries) the kernel's per-row vectors are per key.
     q_names, k_names = st.row_names, st.col_names
     in_names = (["q", "k", "v", "do", "lse", "delta"] + [f"row_{n}" for n in q_names]
                 + [f"col_{n}" for n in k_names] + (["sinks"] if st.has_sinks else [])
-                + ["lists", "counts"])
+                + ["lists", "counts"] + (["dq"] if fused else []))
 
     def kernel(*refs, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_ready, q_ready,
-               q_free, **vec_smem):
+               q_free, ds_smem=None, dq_smem=None, ds_ready=None, **vec_smem):
         ins = dict(zip(in_names, refs))
         dk_ref, dv_ref = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
@@ -742,7 +750,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
 
             def step_fn(j, carry):
                 dk, dv = carry
-                _, _, partial = q_block_of(j)
+                h, qb, partial = q_block_of(j)
                 slot = lax.rem(j, stages)
                 with jax.named_scope("wait_q"):
                     plgpu.barrier_wait(q_ready.at[slot])
@@ -771,12 +779,47 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                     delta = plgpu.load(delta_smem.at[slot], layout=COL)
                     ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
                     p_t = p_t.astype(dtype)
+                if fused:
+                    # dS^T goes through SMEM: dQ = dS @ K needs it as a transposed wgmma
+                    # operand. With D=128 the warpgroups swap halves, and each adds dS[q, all
+                    # 128 keys] @ K[:, its 64 columns]; with D=64 each adds dS[q, its keys] @
+                    # K[its keys, :].
+                    parity = lax.rem(j, 2)
+                    ds_smem.at[parity, wg][...] = ds_t
+                    plgpu.commit_smem()
+                    if exchange:
+                        plgpu.barrier_arrive(ds_ready)
                 with jax.named_scope("mma_dk_dv"):
                     dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_t, q_smem.at[slot])])
+                if not fused:
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+
+                def dq_ops():
+                    if exchange:
+                        plgpu.barrier_wait(ds_ready)
+                        cols_ = pl.ds(wg * chunk, chunk)
+                        return [(0, ds_smem.at[parity, w].T, k_smem.at[w, :, cols_]) for w in range(2)]
+                    return [(0, ds_smem.at[parity, wg].T, k_smem.at[wg])]
+
+                with jax.named_scope("mma_dq"):
+                    dq0 = plgpu.layout_cast(jnp.zeros((_BWD_BQ, chunk), f32), WGMMA)
+                    (dq,) = _wgmma_group((dq0,), [dq_ops])
                 plgpu.barrier_arrive(q_free.at[slot])
+                with jax.named_scope("dq_reduce"):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduce left dq_smem
+                    dq_smem.at[wg][...] = dq
+                    plgpu.commit_smem()
+                    cols_ = pl.ds(wg * chunk, chunk) if exchange else pl.ds(0, d)
+                    plgpu.copy_smem_to_gmem(
+                        dq_smem.at[wg], ins["dq"].at[b, pl.ds(qb * _BWD_BQ, _BWD_BQ), h, cols_],
+                        reduction_op="add")
                 return dk, dv
 
             dk, dv = lax.fori_loop(0, steps, step_fn, (zeros, zeros))
+            if fused:   # the other warpgroup may still read our K rows for its last dQ
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
             k_smem.at[wg][...] = (dk * st.scale).astype(dtype)   # K/V rows are dead: stage there
             v_smem.at[wg][...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -819,6 +862,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         q_ready=plgpu.Barrier(num_arrivals=4 + len(q_names), num_barriers=stages),
         q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     )
+    if fused:
+        scratch.update(ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
+                       dq_smem=_tiled(plgpu, (2, _BWD_BQ, chunk), f32),
+                       ds_ready=plgpu.Barrier(num_arrivals=2))
     for r in q_names:
         scratch[f"row_{r}"] = plgpu.SMEM((stages, _BWD_BQ), jnp.int32)
 
@@ -831,7 +878,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         compiler_params=_compiler_params(plgpu, "dkdv"),
     )
     args = dict(q=q, k=k, v=v, do=do, lse=lse2, delta=delta, lists=lists, counts=counts,
-                sinks=sinks, **{f"row_{r}": rows[r] for r in q_names},
+                sinks=sinks, dq=dq_ref, **{f"row_{r}": rows[r] for r in q_names},
                 **{f"col_{c}": cols[c] for c in k_names})
     return call(*[args[n] for n in in_names])
 
@@ -866,7 +913,7 @@ def _check_inputs(q, k, v, block_kv, num_stages):
                          f"{smem // 1024} KiB of shared memory for head_dim {d}; lower num_stages.")
 
 
-def _setup(q, k, mask, scale, block_kv, num_stages, num_ctas):
+def _setup(q, k, mask, scale, block_kv, num_stages, num_ctas, deterministic=True):
     """Static config and the padded mask parts (padded MaskSpec, rows, cols, sinks)."""
     mask = MaskSpec() if mask is None else mask
     batch, q_len, _, d = q.shape
@@ -877,7 +924,8 @@ def _setup(q, k, mask, scale, block_kv, num_stages, num_ctas):
     padded, rows, cols, sinks, flags = prepare_mask(mask, batch, q_len, kv_len, q_pad, kv_pad)
     st = _Static(q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad,
                  scale=float(d ** -0.5 if scale is None else scale),
-                 block_kv=block_kv, num_stages=num_stages, num_ctas=num_ctas, **flags)
+                 block_kv=block_kv, num_stages=num_stages, num_ctas=num_ctas,
+                 deterministic=bool(deterministic), **flags)
     return st, (padded, rows, cols, sinks)
 
 
@@ -910,10 +958,17 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, q_pad - q_len)), constant_values=jnp.inf)
     qp, kp, vp = _pad_seq(q, q_pad), _pad_seq(k, kv_pad), _pad_seq(v, kv_pad)
     dop = _pad_seq(dout.astype(q.dtype), q_pad)
-    # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics (on an
-    # H100 the reduce-adds of a fused dQ cost as much as the rest of the backward; see
-    # docs/hopper_kernel_notes.md), and the gradients are deterministic.
     lists, counts = backward_lists(padded, batch, q_pad, kv_pad, st.kv_padded)
+    if not st.deterministic:   # one kernel, five matmuls per tile, dQ reduce-added in float32
+        dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, hq, d), jnp.float32))
+        dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st,
+                            dq_ref=dq_acc)
+        dq = (dq_acc[...] * st.scale).astype(q.dtype)
+        return dq[:, :q_len], dk[:, :st.kv_len], dv[:, :st.kv_len]
+    # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and the
+    # gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on an H100
+    # faster than the fused kernel at 8K (the fused one wins at 32K; see
+    # docs/hopper_kernel_notes.md, runs 6-13 and 24).
     dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
     dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
     dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
@@ -929,12 +984,14 @@ def flash_attention_fwd(q, k, v, mask: MaskSpec | None = None, *, scale: float |
 
 
 def flash_attention_bwd(q, k, v, mask: MaskSpec | None, out, lse, dout, *, scale: float | None = None,
-                        dlse=None, block_kv: int = 128, num_stages: int = 2):
+                        dlse=None, block_kv: int = 128, num_stages: int = 2,
+                        deterministic: bool = True):
     """Backward only: (dq, dk, dv) from out, lse (possibly merged over several K/V shards,
     as in ring attention), dout and optionally the cotangent of lse. Uses
-    delta = rowsum(dout * out), so it is exact for merged out/lse."""
+    delta = rowsum(dout * out), so it is exact for merged out/lse. `deterministic` as in
+    `flash_attention`."""
     _check_inputs(q, k, v, block_kv, num_stages)
-    st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, None)
+    st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, None, deterministic)
     return _backward(q, k, v, out, lse, dout, st, mask_parts, dlse)
 
 
@@ -960,7 +1017,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | None = None,
                     return_lse: bool = False, block_kv: int = 128, num_stages: int = 2,
-                    num_ctas: int | None = None):
+                    num_ctas: int | None = None, deterministic: bool = True):
     """Flash attention on Hopper: q [B,T,Hq,D], k/v [B,S,Hkv,D] (bf16 or fp16, D in {64, 128}).
 
     `mask` is a `pallas_kernels.mask.MaskSpec` (None = causal). Returns out [B,T,Hq,D], and
@@ -968,8 +1025,14 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
     through lse). `block_kv` / `num_stages` set the
     forward key block and the depth of its K/V pipeline; `num_ctas` caps the persistent
     forward grid (default: one CTA per SM).
+
+    `deterministic` (default True) computes dQ in its own kernel: bit-reproducible
+    gradients, seven matmuls per tile. False fuses dQ into the dK/dV kernel (five matmuls,
+    dQ reduce-added in float32, so the result varies in the last bits from run to run). On
+    an H100 the fused backward measured 13% faster at 32K causal and 1.5x slower at 8K
+    (docs/hopper_kernel_notes.md, run 24).
     """
     _check_inputs(q, k, v, block_kv, num_stages)
-    st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, num_ctas)
+    st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, num_ctas, deterministic)
     out, lse = _attention(q, k, v, mask_parts, st)
     return (out, lse) if return_lse else out
