@@ -959,19 +959,19 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     qp, kp, vp = _pad_seq(q, q_pad), _pad_seq(k, kv_pad), _pad_seq(v, kv_pad)
     dop = _pad_seq(dout.astype(q.dtype), q_pad)
     lists, counts = backward_lists(padded, batch, q_pad, kv_pad, st.kv_padded)
-    if not st.deterministic:   # one kernel, five matmuls per tile, dQ reduce-added in float32
+    if st.deterministic:
+        # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and
+        # the gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on
+        # an H100 faster than the fused kernel at 8K (the fused one wins at 32K; see
+        # docs/hopper_kernel_notes.md, runs 6-13 and 24).
+        dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
+        dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
+        dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
+    else:   # one kernel, five matmuls per tile, dQ reduce-added in float32
         dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, hq, d), jnp.float32))
         dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st,
                             dq_ref=dq_acc)
         dq = (dq_acc[...] * st.scale).astype(q.dtype)
-        return dq[:, :q_len], dk[:, :st.kv_len], dv[:, :st.kv_len]
-    # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and the
-    # gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on an H100
-    # faster than the fused kernel at 8K (the fused one wins at 32K; see
-    # docs/hopper_kernel_notes.md, runs 6-13 and 24).
-    dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
-    dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
-    dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
     return dq[:, :q_len], dk[:, :st.kv_len], dv[:, :st.kv_len]
 
 
