@@ -20,8 +20,9 @@ Kernel structure (FlashAttention-3 style, one CTA = three warpgroups):
     matmuls straight from registers). dQ: the forward's persistent query-stationary
     structure with 64-key blocks; dQ, S and dP stay in registers (three matmuls per tile).
     With `deterministic=False` the dK/dV kernel also computes dQ and TMA reduce-adds it in
-    float32 (five matmuls per tile, FlashAttention-3 style): on an H100 1.5x slower at 8K
-    causal, 13% faster at 32K.
+    float32 (five matmuls per tile, FlashAttention-3 style): on an H100, forward+backward
+    of causal attention 11% faster at 32K and 6% at 128K, 1.36x slower at 8K, and slower
+    for windows at any S.
 
 Measurements, versions and what did not help: docs/hopper_kernel_notes.md.
 
@@ -718,8 +719,9 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                 + [f"col_{n}" for n in k_names] + (["sinks"] if st.has_sinks else [])
                 + ["lists", "counts"] + (["dq"] if fused else []))
 
-    def kernel(*refs, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_ready, q_ready,
-               q_free, ds_smem=None, dq_smem=None, ds_ready=None, **vec_smem):
+    def kernel(*refs, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, q_free,
+               lse_smem=None, delta_smem=None, stats_smem=None, ds_smem=None, dq_smem=None,
+               ds_ready=None, **vec_smem):
         ins = dict(zip(in_names, refs))
         dk_ref, dv_ref = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
@@ -727,6 +729,12 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         wg = lax.axis_index("wg")
         count = counts_ref[b, kb]
         steps = 0 if "steps" in _ABLATE else group * count
+
+        def lse_at(slot):
+            return stats_smem.at[slot, 0] if fused else lse_smem.at[slot]
+
+        def delta_at(slot):
+            return stats_smem.at[slot, 1] if fused else delta_smem.at[slot]
 
         def q_block_of(j):
             g = lax.div(j, jnp.maximum(count, 1))
@@ -773,10 +781,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                                             row_axis=1)
                             return jnp.where(ok, st_, -jnp.inf)
                         st_ = lax.cond(partial == 1, masked, lambda: st_)
-                    lse = plgpu.load(lse_smem.at[slot], layout=COL)
+                    lse = plgpu.load(lse_at(slot), layout=COL)
                     x = st_ * c2 - lax.broadcast_in_dim(lse, st_.shape, [1])
                     p_t = x if "exp" in _ABLATE else jnp.exp2(x)
-                    delta = plgpu.load(delta_smem.at[slot], layout=COL)
+                    delta = plgpu.load(delta_at(slot), layout=COL)
                     ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(dtype)
                     p_t = p_t.astype(dtype)
                 if fused:
@@ -841,9 +849,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                     plgpu.barrier_wait(q_free.at[slot])
                 plgpu.copy_gmem_to_smem(ins["q"].at[b, qs, h], q_smem.at[slot], q_ready.at[slot])
                 plgpu.copy_gmem_to_smem(ins["do"].at[b, qs, h], do_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(ins["lse"].at[b, h, qs], lse_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(ins["delta"].at[b, h, qs], delta_smem.at[slot],
-                                        q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(ins["lse"].at[b, h, qs], lse_at(slot), q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(ins["delta"].at[b, h, qs], delta_at(slot), q_ready.at[slot])
                 for r in q_names:
                     plgpu.copy_gmem_to_smem(ins[f"row_{r}"].at[b, qs], vec_smem[f"row_{r}"].at[slot],
                                             q_ready.at[slot])
@@ -856,16 +863,21 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         do_smem=_tiled(plgpu, (stages, _BWD_BQ, d), dtype),
         k_smem=_tiled(plgpu, (2, _ROWS, d), dtype),
         v_smem=_tiled(plgpu, (2, _ROWS, d), dtype),
-        lse_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
-        delta_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
         kv_ready=plgpu.Barrier(num_arrivals=2, num_barriers=2),
         q_ready=plgpu.Barrier(num_arrivals=4 + len(q_names), num_barriers=stages),
         q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     )
     if fused:
-        scratch.update(ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
+        # lse and delta share one buffer here. Laid out as two, the fused kernel's SMEM grows
+        # by 1 KB and it ran 1.8x slower at 32K causal on an H100 (84 against 46 ms;
+        # docs/hopper_kernel_notes.md, session 5). Scratch is allocated in name order.
+        scratch.update(stats_smem=plgpu.SMEM((stages, 2, _BWD_BQ), f32),
+                       ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
                        dq_smem=_tiled(plgpu, (2, _BWD_BQ, chunk), f32),
                        ds_ready=plgpu.Barrier(num_arrivals=2))
+    else:
+        scratch.update(lse_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
+                       delta_smem=plgpu.SMEM((stages, _BWD_BQ), f32))
     for r in q_names:
         scratch[f"row_{r}"] = plgpu.SMEM((stages, _BWD_BQ), jnp.int32)
 
@@ -962,8 +974,8 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     if st.deterministic:
         # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and
         # the gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on
-        # an H100 faster than the fused kernel at 8K (the fused one wins at 32K; see
-        # docs/hopper_kernel_notes.md, runs 6-13 and 24).
+        # an H100 faster than the fused kernel up to 16K and for windows (the fused one wins
+        # on long causal and document masks; docs/hopper_kernel_notes.md, sessions 2, 4, 5).
         dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
         dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
         dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
@@ -1029,8 +1041,8 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
     `deterministic` (default True) computes dQ in its own kernel: bit-reproducible
     gradients, seven matmuls per tile. False fuses dQ into the dK/dV kernel (five matmuls,
     dQ reduce-added in float32, so the result varies in the last bits from run to run). On
-    an H100 the fused backward measured 13% faster at 32K causal and 1.5x slower at 8K
-    (docs/hopper_kernel_notes.md, run 24).
+    an H100 it made causal forward+backward 11% faster at 32K and 6% at 128K, and 1.36x
+    slower at 8K; window and chunk masks were slower at every S (docs/benchmarks.md).
     """
     _check_inputs(q, k, v, block_kv, num_stages)
     st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, num_ctas, deterministic)
