@@ -1,5 +1,9 @@
 """Benchmark attention on a GPU: our Pallas Mosaic GPU kernel vs cuDNN vs tokamax vs XLA.
 
+`ours` is the default (deterministic) backward; `ours_fused` is `deterministic=False`, the
+fused one-kernel backward (dQ reduce-added in float32, as cuDNN and tokamax do), timed in
+forward+backward only (its forward is ours).
+
 bf16, head_dim 128, 16 heads, B x S = 64K tokens (B = 1 at S = 128K), masks: causal, sliding
 window 1024, SkyLadder chunk 1024, 8 equal documents per row; forward and forward+backward.
 TFLOP/s count the matmul FLOPs of the allowed area only (`pallas_kernels.mask.allowed_flops`),
@@ -28,7 +32,7 @@ from pallas_kernels.mask import MaskSpec, allowed_flops  # noqa: E402
 
 HEADS, HEAD_DIM, TOKENS, WINDOW = 16, 128, 65536, 1024
 MASKS = ("causal", "window", "chunk", "documents")
-IMPLS = ("ours", "cudnn", "tokamax", "xla")
+IMPLS = ("ours", "ours_fused", "cudnn", "tokamax", "xla")
 
 
 def mask_args(name, batch, seq):
@@ -46,9 +50,11 @@ def mask_spec(name, aux):
 
 def make_impl(impl, name):
     """fn(q, k, v, aux) -> out, or a string saying why the backend cannot run this mask."""
-    if impl == "ours":
+    if impl in ("ours", "ours_fused"):
         from pallas_kernels.gpu import flash_attention
-        return lambda q, k, v, aux: flash_attention(q, k, v, mask_spec(name, aux))
+        deterministic = impl == "ours"
+        return lambda q, k, v, aux: flash_attention(q, k, v, mask_spec(name, aux),
+                                                    deterministic=deterministic)
     if impl in ("cudnn", "tokamax"):
         if name not in ("causal", "window"):
             return "cannot express" if impl == "cudnn" else "needs a dense mask"
@@ -114,6 +120,8 @@ def run(args):
                     if isinstance(fn, str):
                         results.append(dict(row, note=fn))
                         continue
+                    if impl == "ours_fused" and mode == "fwd":
+                        continue   # the same forward as ours
                     if mode == "fwd":
                         f = jax.jit(fn)
                     else:
@@ -149,9 +157,10 @@ def table(dev, results):
              "TFLOP/s over the allowed area; ratio = ours / cuDNN TFLOP/s; ms per call = median "
              "over batches of back-to-back calls, one synchronisation per batch.",
              "",
-             "| S | mask | mode | ours ms | ours TFLOP/s | cuDNN ms | cuDNN TFLOP/s | tokamax ms | "
-             "tokamax TFLOP/s | XLA ms | XLA TFLOP/s | ours/cuDNN | ours/tokamax |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| S | mask | mode | ours ms | ours TFLOP/s | ours fused ms | ours fused TFLOP/s | "
+             "cuDNN ms | cuDNN TFLOP/s | tokamax ms | tokamax TFLOP/s | XLA ms | XLA TFLOP/s | "
+             "ours/cuDNN | ours fused/cuDNN | ours/tokamax |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["seq"], r["mask"], r["mode"]) for r in results if "impl" in r},
                   key=lambda x: (x[0], MASKS.index(x[1]), x[2]))
     for seq, name, mode in keys:
@@ -164,11 +173,13 @@ def table(dev, results):
                 cells += [f"{r['ms']:.2f}", f"{r['tflops']:.0f}"]
             else:
                 cells += [r["note"], ""]
-        ratio = lambda other: (f"{by[(seq, name, 'ours', mode)]['tflops'] / by[(seq, name, other, mode)]['tflops']:.2f}"
-                               if "ms" in by.get((seq, name, "ours", mode), {})
-                               and "ms" in by.get((seq, name, other, mode), {}) else "n/a")
+        ratio = lambda mine, other: (
+            f"{by[(seq, name, mine, mode)]['tflops'] / by[(seq, name, other, mode)]['tflops']:.2f}"
+            if "ms" in by.get((seq, name, mine, mode), {})
+            and "ms" in by.get((seq, name, other, mode), {}) else "n/a")
         lines.append(f"| {seq // 1024}K | {name} | {mode} | " + " | ".join(cells)
-                     + f" | {ratio('cudnn')} | {ratio('tokamax')} |")
+                     + f" | {ratio('ours', 'cudnn')} | {ratio('ours_fused', 'cudnn')}"
+                     f" | {ratio('ours', 'tokamax')} |")
     ours = {(r["seq"], r["mask"], r["mode"]): r for r in results if r.get("impl") == "ours" and "ms" in r}
     goals = []
     for (seq, name, mode), r in sorted(ours.items()):
