@@ -63,6 +63,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
              f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim.")
     _require(m.attention_impl in IMPLEMENTATIONS,
              f"model.attention_impl={m.attention_impl!r}; choose one of {IMPLEMENTATIONS}.")
+    _require(isinstance(m.attention_deterministic, bool),
+             f"model.attention_deterministic={m.attention_deterministic!r} must be True or False.")
     _require(m.context_strategy in ("ring", "all_gather"),
              f"model.context_strategy={m.context_strategy!r}; choose 'ring' or 'all_gather'.")
     _require(m.remat in ("none", "full", "save_matmuls", "offload"),

@@ -206,3 +206,25 @@ def test_dispatch_reaches_the_tpu_kernel_in_interpret_mode():
     rng = np.random.default_rng()
     q, k, v, spec, allowed = _build(rng, "skyladder_docs_sinks", t=160, s=160, hq=2, hkv=1)
     _check("pallas_tpu", q, k, v, spec, allowed, rng, atol=2e-5)
+
+
+def test_deterministic_flag_reaches_the_gpu_kernel(monkeypatch):
+    """`deterministic` (model.attention_deterministic) is passed to the Pallas GPU kernel's
+    backward, directly and through the context-parallel halves. A stand-in module records
+    the calls (the kernel itself needs a Hopper GPU; tests/test_gpu_kernel.py runs it)."""
+    import types
+
+    from ctxjax.attention import ops
+    seen = []
+    fake = types.SimpleNamespace(
+        flash_attention=lambda q, k, v, mask, **kw: seen.append(("attention", kw)) or q,
+        flash_attention_fwd=lambda *a, **kw: None,
+        flash_attention_bwd=lambda *a, **kw: seen.append(("bwd", kw)))
+    monkeypatch.setattr(ops, "_pallas_gpu", lambda: fake)
+    q = jnp.ones((1, 8, 2, 8))
+    attention(q, q, q, MaskSpec(), implementation="pallas_gpu", deterministic=False)
+    attention(q, q, q, MaskSpec(), implementation="pallas_gpu")
+    ops.local_fwd_bwd("pallas_gpu", False)[1](q, q, q, MaskSpec(), q, None, q, scale=None)
+    assert seen == [("attention", dict(scale=None, deterministic=False)),
+                    ("attention", dict(scale=None, deterministic=True)),
+                    ("bwd", dict(scale=None, deterministic=False))]

@@ -5,9 +5,15 @@
   is unavailable, XLA blockwise for masks cuDNN cannot express); other backends -> XLA
   blockwise. When the active mesh has a `context` axis > 1 the chosen backend runs inside
   the context-parallel wrapper (ring or all-gather).
+
+`deterministic=False` lets the Pallas GPU kernel fuse its backward into one kernel (dQ
+reduce-added in float32, so gradients vary in the last bits between runs); the other
+backends ignore it. On an H100 that backward is faster at long S for causal and document
+masks and slower at S <= 16K and for windows (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import functools
 
 import jax
 
@@ -75,15 +81,18 @@ def resolve_implementation(implementation: str) -> str:
     return "xla_blockwise"
 
 
-def local_fwd_bwd(implementation: str):
+def local_fwd_bwd(implementation: str, deterministic: bool = True):
     """(fwd, bwd) halves of a backend, as the context-parallel wrapper needs them."""
     if implementation in ("xla", "xla_blockwise", "cudnn", "splash"):
         return blockwise_attention_fwd, blockwise_attention_bwd
-    module = _pallas_gpu() if implementation == "pallas_gpu" else _pallas_tpu()
-    return module.flash_attention_fwd, module.flash_attention_bwd
+    if implementation == "pallas_gpu":
+        gpu = _pallas_gpu()
+        return gpu.flash_attention_fwd, functools.partial(gpu.flash_attention_bwd,
+                                                          deterministic=deterministic)
+    return _pallas_tpu().flash_attention_fwd, _pallas_tpu().flash_attention_bwd
 
 
-def _local_attention(implementation, q, k, v, mask, scale):
+def _local_attention(implementation, q, k, v, mask, scale, deterministic):
     if implementation == "xla":
         return _xla(q, k, v, mask, scale=scale)
     if implementation == "xla_blockwise":
@@ -91,7 +100,7 @@ def _local_attention(implementation, q, k, v, mask, scale):
     if implementation == "cudnn":
         return _cudnn(q, k, v, mask, scale=scale)
     if implementation == "pallas_gpu":
-        return _pallas_gpu().flash_attention(q, k, v, mask, scale=scale)
+        return _pallas_gpu().flash_attention(q, k, v, mask, scale=scale, deterministic=deterministic)
     if implementation == "pallas_tpu":
         return _pallas_tpu().flash_attention(q, k, v, mask, scale=scale)
     if implementation == "splash":
@@ -101,7 +110,7 @@ def _local_attention(implementation, q, k, v, mask, scale):
 
 
 def attention(q, k, v, mask: MaskSpec | None = None, *, implementation: str = "auto", scale=None,
-              context_strategy: str = "ring"):
+              context_strategy: str = "ring", deterministic: bool = True):
     """q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D]. See DESIGN.md for the mask algebra."""
     mask = MaskSpec() if mask is None else mask
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -113,9 +122,9 @@ def attention(q, k, v, mask: MaskSpec | None = None, *, implementation: str = "a
     mesh = mesh_lib.active_mesh()
     if mesh is not None and mesh.shape.get("context", 1) > 1:
         from ctxjax.attention.context_parallel import context_parallel_attention
-        fwd, bwd = local_fwd_bwd(implementation)
+        fwd, bwd = local_fwd_bwd(implementation, deterministic)
         b, t, s = q.shape[0], q.shape[1], k.shape[1]
         return context_parallel_attention(
             q, k, v, mask.resolved(b, t, s), mesh=mesh, strategy=context_strategy, local_fwd=fwd,
             local_bwd=bwd, scale=scale, **mesh_lib.attention_axes(mesh))
-    return _local_attention(implementation, q, k, v, mask, scale)
+    return _local_attention(implementation, q, k, v, mask, scale, deterministic)

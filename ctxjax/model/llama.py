@@ -92,7 +92,8 @@ class Block(nnx.Module):
         k = constrain(rope_lib.apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         o = attention(q, k, v, mask, implementation=cfg.attention_impl,
-                      context_strategy=cfg.context_strategy)
+                      context_strategy=cfg.context_strategy,
+                      deterministic=cfg.attention_deterministic)
         x = x + constrain(jnp.einsum("bthk,hkd->btd", o, w(self.wo)), ("batch", "seq", "act_embed"))
         y = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         hidden = jax.nn.silu(y @ w(self.w_gate)) * (y @ w(self.w_up))
