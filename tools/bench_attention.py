@@ -1,7 +1,7 @@
 """Benchmark attention on a GPU: our Pallas Mosaic GPU kernel vs cuDNN vs tokamax vs XLA.
 
 `ours` is the default (deterministic) backward; `ours_fused` is `deterministic=False`, the
-fused one-kernel backward (dQ reduce-added in float32, as cuDNN and tokamax do), timed in
+fused one-kernel backward (dQ reduce-added in float32, as FlashAttention-2/3 do), timed in
 forward+backward only (its forward is ours).
 
 bf16, head_dim 128, 16 heads, B x S = 64K tokens (B = 1 at S = 128K), masks: causal, sliding
