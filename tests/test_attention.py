@@ -228,3 +228,16 @@ def test_deterministic_flag_reaches_the_gpu_kernel(monkeypatch):
     assert seen == [("attention", dict(scale=None, deterministic=False)),
                     ("attention", dict(scale=None, deterministic=True)),
                     ("bwd", dict(scale=None, deterministic=False))]
+
+
+def test_auto_uses_the_hopper_kernel_only_for_inputs_it_takes(monkeypatch):
+    from ctxjax.attention import ops
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(ops, "_is_hopper", lambda: True)
+    assert ops.resolve_implementation("auto", jnp.bfloat16, 128) == "pallas_gpu"
+    assert ops.resolve_implementation("auto", jnp.float16, 64) == "pallas_gpu"
+    assert ops.resolve_implementation("auto", jnp.float32, 64) == "xla_blockwise"   # a float32 model
+    assert ops.resolve_implementation("auto", jnp.bfloat16, 96) == "xla_blockwise"
+    assert ops.resolve_implementation("pallas_gpu", jnp.float32, 64) == "pallas_gpu"  # explicit: kept
+    monkeypatch.setattr(ops, "_is_hopper", lambda: False)
+    assert ops.resolve_implementation("auto", jnp.bfloat16, 128) == "xla_blockwise"

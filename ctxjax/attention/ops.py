@@ -1,9 +1,9 @@
 """The attention op every layer calls: one mask algebra, several backends.
 
 `attention(q, k, v, mask, implementation="auto")` picks, by platform:
-  TPU -> Pallas TPU kernel; Hopper GPU -> Pallas Mosaic GPU kernel (cuDNN where the kernel
-  is unavailable, XLA blockwise for masks cuDNN cannot express); other backends -> XLA
-  blockwise. When the active mesh has a `context` axis > 1 the chosen backend runs inside
+  TPU -> Pallas TPU kernel; Hopper GPU -> Pallas Mosaic GPU kernel for the inputs it takes
+  (bf16/fp16, head_dim 64 or 128), XLA blockwise otherwise (e.g. a float32 model); other
+  backends -> XLA blockwise. When the active mesh has a `context` axis > 1 the chosen backend runs inside
   the context-parallel wrapper (ring or all-gather).
 
 `deterministic=False` lets the Pallas GPU kernel fuse its backward into one kernel (dQ
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from ctxjax.attention.blockwise import blockwise_attention, blockwise_attention_bwd, blockwise_attention_fwd
 from pallas_kernels.mask import MaskSpec
@@ -67,8 +68,9 @@ def _is_hopper() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
-def resolve_implementation(implementation: str) -> str:
-    """Map "auto" to a concrete backend for the default device."""
+def resolve_implementation(implementation: str, dtype=None, head_dim: int | None = None) -> str:
+    """Map "auto" to a concrete backend for the default device (and, when given, the inputs'
+    dtype and head_dim)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
     if implementation != "auto":
@@ -77,7 +79,9 @@ def resolve_implementation(implementation: str) -> str:
     if platform == "tpu":
         return "pallas_tpu"
     if platform == "gpu" and _is_hopper():
-        return "pallas_gpu"
+        kernel_takes = ((dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+                        and head_dim in (None, 64, 128))
+        return "pallas_gpu" if kernel_takes else "xla_blockwise"
     return "xla_blockwise"
 
 
@@ -117,7 +121,7 @@ def attention(q, k, v, mask: MaskSpec | None = None, *, implementation: str = "a
         raise ValueError(f"attention expects q [B,T,Hq,D] and k/v [B,S,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}.")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} do not match (batch, head_dim, k == v).")
-    implementation = resolve_implementation(implementation)
+    implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
     from ctxjax import mesh as mesh_lib  # the mesh module alone knows axis names
     mesh = mesh_lib.active_mesh()
     if mesh is not None and mesh.shape.get("context", 1) > 1:
