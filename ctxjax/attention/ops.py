@@ -8,8 +8,8 @@
 
 `deterministic=False` lets the Pallas GPU kernel fuse its backward into one kernel (dQ
 reduce-added in float32, so gradients vary in the last bits between runs); the other
-backends ignore it. On an H100 that backward is faster at long S for causal and document
-masks and slower at S <= 16K and for windows (docs/benchmarks.md).
+backends ignore it. On an H100 that backward is faster for causal masks with one or two
+sequences per device and slower otherwise (docs/hopper_kernel_notes.md, session 5).
 """
 from __future__ import annotations
 

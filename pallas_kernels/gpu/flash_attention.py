@@ -20,9 +20,8 @@ Kernel structure (FlashAttention-3 style, one CTA = three warpgroups):
     matmuls straight from registers). dQ: the forward's persistent query-stationary
     structure with 64-key blocks; dQ, S and dP stay in registers (three matmuls per tile).
     With `deterministic=False` the dK/dV kernel also computes dQ and TMA reduce-adds it in
-    float32 (five matmuls per tile, FlashAttention-3 style): on an H100, forward+backward
-    of causal attention 11% faster at 32K and 6% at 128K, 1.36x slower at 8K, and slower
-    for windows at any S.
+    float32 (five matmuls per tile, FlashAttention-3 style): on an H100 faster for causal
+    masks with one or two sequences per call, slower with more, and for other masks.
 
 Measurements, versions and what did not help: docs/hopper_kernel_notes.md.
 
@@ -974,8 +973,9 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     if st.deterministic:
         # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and
         # the gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on
-        # an H100 faster than the fused kernel up to 16K and for windows (the fused one wins
-        # on long causal and document masks; docs/hopper_kernel_notes.md, sessions 2, 4, 5).
+        # an H100 faster than the fused kernel with 4+ sequences per call and for non-causal
+        # masks (the fused one wins on causal with B <= 2; docs/hopper_kernel_notes.md,
+        # sessions 2, 4, 5).
         dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
         dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
         dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
@@ -1041,8 +1041,9 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
     `deterministic` (default True) computes dQ in its own kernel: bit-reproducible
     gradients, seven matmuls per tile. False fuses dQ into the dK/dV kernel (five matmuls,
     dQ reduce-added in float32, so the result varies in the last bits from run to run). On
-    an H100 it made causal forward+backward 11% faster at 32K and 6% at 128K, and 1.36x
-    slower at 8K; window and chunk masks were slower at every S (docs/benchmarks.md).
+    an H100 its backward was 1.10-1.28x faster for causal masks with B <= 2 (S = 8K-128K)
+    and slower with B >= 4 and for window, chunk, document and non-causal masks
+    (docs/hopper_kernel_notes.md, session 5).
     """
     _check_inputs(q, k, v, block_kv, num_stages)
     st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, num_ctas, deterministic)
