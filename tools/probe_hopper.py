@@ -78,8 +78,11 @@ def check_grads(seed=0, **bwd_kw):
         do = jax.random.normal(ks[3], (b, t, hq, d), jnp.float32).astype(jnp.bfloat16)
         seg = jnp.broadcast_to(1 + jnp.arange(t, dtype=jnp.int32) // 300, (b, t))
 
+        def mask_of(seg):
+            return MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+
         def grads(fn, q, k, v, do, seg):
-            m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+            m = mask_of(seg)
             return jax.vjp(lambda q, k, v: fn(q, k, v, m).astype(jnp.float32), q, k, v)[1](
                 do.astype(jnp.float32))
         ref_fn = lambda q, k, v, m: attention_reference(
@@ -87,7 +90,7 @@ def check_grads(seed=0, **bwd_kw):
         got = jax.jit(functools.partial(grads, functools.partial(fa.flash_attention, **bwd_kw)))(
             q, k, v, do, seg)
         ref = jax.jit(functools.partial(grads, ref_fn))(q, k, v, do, seg)
-        m = MaskSpec() if mask_kind == "causal" else MaskSpec(q_segment_ids=seg, window=200)
+        m = mask_of(seg)
         got = (*got, jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, m))(q, k, v))
         ref = (*ref, ref_fn(q, k, v, m))
         for name, g, r in zip("qkvo", got, ref):
@@ -192,7 +195,6 @@ def main():
     for variant in args.variants.split("|"):
         vname, saved, bwd_kw = apply(variant)
         try:
-          try:
             err = check_grads(**bwd_kw) if args.check else float("nan")
             if args.check:
                 emit(dict(variant=vname, max_rel_err=err))
@@ -224,7 +226,7 @@ def main():
                     print(f"  wg{r['wg']} {r['region']:<12} calls {r['calls']:>6}  mean {r['mean_us']:8.3f} us"
                           f"  total {r['total_ms']:9.3f} ms")
                 print("  mean span per CTA (us):", {k_: round(v_, 1) for k_, v_ in spans.items()})
-          except Exception as e:  # one variant failing must not stop the others
+        except Exception as e:  # one variant failing must not stop the others
             emit(dict(variant=vname, error=f"{type(e).__name__}: {str(e)[:2000]}"))
             table.append((vname, "-", "-", "error", float("nan"), float("nan"), float("nan")))
         finally:

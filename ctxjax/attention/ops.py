@@ -3,8 +3,8 @@
 `attention(q, k, v, mask, implementation="auto")` picks, by platform:
   TPU -> Pallas TPU kernel; Hopper GPU -> Pallas Mosaic GPU kernel for the inputs it takes
   (bf16/fp16, head_dim 64 or 128), XLA blockwise otherwise (e.g. a float32 model); other
-  backends -> XLA blockwise. When the active mesh has a `context` axis > 1 the chosen backend runs inside
-  the context-parallel wrapper (ring or all-gather).
+  backends -> XLA blockwise. When the active mesh has a `context` axis > 1 the chosen
+  backend runs inside the context-parallel wrapper (ring or all-gather).
 
 `deterministic=False` lets the Pallas GPU kernel fuse its backward into one kernel (dQ
 reduce-added in float32, so gradients vary in the last bits between runs); the other
@@ -93,7 +93,8 @@ def local_fwd_bwd(implementation: str, deterministic: bool = True):
         gpu = _pallas_gpu()
         return gpu.flash_attention_fwd, functools.partial(gpu.flash_attention_bwd,
                                                           deterministic=deterministic)
-    return _pallas_tpu().flash_attention_fwd, _pallas_tpu().flash_attention_bwd
+    tpu = _pallas_tpu()
+    return tpu.flash_attention_fwd, tpu.flash_attention_bwd
 
 
 def _local_attention(implementation, q, k, v, mask, scale, deterministic):
