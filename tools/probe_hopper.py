@@ -45,7 +45,10 @@ def inputs(batch, seq, heads, dim=128, seed=0):
 
 
 def bench_mask(name, batch, seq):
-    """The benchmark's masks (tools/bench_attention.py), so probe and benchmark agree."""
+    """The benchmark's masks (tools/bench_attention.py), so probe and benchmark agree, and
+    "noncausal" (every tile full)."""
+    if name == "noncausal":
+        return MaskSpec(causal=False)
     return mask_spec(name, mask_args(name, batch, seq))
 
 
@@ -174,6 +177,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="/tmp/probe")
     p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=0, help="sequences (default: 64K tokens)")
     p.add_argument("--masks", default="causal")
     p.add_argument("--ablations", default="none")
     p.add_argument("--variants", default="base:", help="'|'-separated name:attr=value;...")
@@ -189,7 +193,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "probe.jsonl"), "a")
     emit = lambda row: (print(json.dumps(row), flush=True), log.write(json.dumps(row) + "\n"), log.flush())
-    batch = max(1, 65536 // args.seq)
+    batch = args.batch or max(1, 65536 // args.seq)
     q, k, v, do = inputs(batch, args.seq, 16)
     table = []
     for variant in args.variants.split("|"):

@@ -54,6 +54,12 @@ _INT_MAX = 2 ** 31 - 1
 _DQ_BK = 64               # dQ kernel key block (dQ, S and dP all live in registers)
 _DQ_STAGES = 2            # dQ kernel K/V ring depth
 _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
+# Mosaic GPU launches the LAST grid axis fastest. With the key blocks last, the CTAs resident
+# together are the key blocks of one head, which read the same Q/dO tiles and reduce-add into
+# the same dQ rows through L2; with the batch last they were one CTA per head once B*H
+# approached the SM count (docs/hopper_kernel_notes.md, session 6).
+_DKDV_KEY_BLOCKS_FASTEST = True
+_FUSED_STAGGER = 0        # fused: CTA kb starts its query list at position stagger*kb
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the kernel
@@ -737,7 +743,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
 
         def q_block_of(j):
             g = lax.div(j, jnp.maximum(count, 1))
-            entry = lists_ref[b, kb, lax.rem(j, jnp.maximum(count, 1))]
+            pos = j + kb * _FUSED_STAGGER if fused and _FUSED_STAGGER else j
+            entry = lists_ref[b, kb, lax.rem(pos, jnp.maximum(count, 1))]
             return hk * group + g, lax.div(entry, 2), lax.rem(entry, 2)
 
         @pl.when(wg < 2)
@@ -884,7 +891,8 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         kernel,
         out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         scratch_types=scratch,
-        grid=(nk, hkv, batch), grid_names=("kb", "hk", "b"),
+        **(dict(grid=(batch, hkv, nk), grid_names=("b", "hk", "kb")) if _DKDV_KEY_BLOCKS_FASTEST
+           else dict(grid=(nk, hkv, batch), grid_names=("kb", "hk", "b"))),
         num_threads=3, thread_name="wg",
         compiler_params=_compiler_params(plgpu, "dkdv"),
     )
