@@ -59,7 +59,6 @@ _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
 # the same dQ rows through L2; with the batch last they were one CTA per head once B*H
 # approached the SM count (docs/hopper_kernel_notes.md, session 6).
 _DKDV_KEY_BLOCKS_FASTEST = True
-_FUSED_STAGGER = 0        # fused: CTA kb starts its query list at position stagger*kb
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the kernel
@@ -743,8 +742,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
 
         def q_block_of(j):
             g = lax.div(j, jnp.maximum(count, 1))
-            pos = j + kb * _FUSED_STAGGER if fused and _FUSED_STAGGER else j
-            entry = lists_ref[b, kb, lax.rem(pos, jnp.maximum(count, 1))]
+            entry = lists_ref[b, kb, lax.rem(j, jnp.maximum(count, 1))]
             return hk * group + g, lax.div(entry, 2), lax.rem(entry, 2)
 
         @pl.when(wg < 2)
