@@ -802,7 +802,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                     if exchange:
                         plgpu.barrier_arrive(ds_ready)
                 with jax.named_scope("mma_dk_dv"):
-                    dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_t, q_smem.at[slot])])
+                    # Fused: dK reads dS^T from its SMEM copy, so the registers die at the
+                    # store (spills 156 -> 120 bytes per thread; 2.5-4% faster, session 6).
+                    ds_op = ds_smem.at[parity, wg] if fused else ds_t
+                    dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_op, q_smem.at[slot])])
                 if not fused:
                     plgpu.barrier_arrive(q_free.at[slot])
                     return dk, dv
