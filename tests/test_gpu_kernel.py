@@ -114,6 +114,24 @@ def test_new_window_does_not_recompile():
     assert int(small.sum()) < int(large.sum())
 
 
+def test_forward_grid_is_one_cta_per_item_only_for_long_causal_rows(monkeypatch):
+    monkeypatch.setattr(fa, "_num_sms", lambda: 132)
+
+    def grid(seq, mask, num_ctas=None, batch=2, heads=4):
+        q = jax.ShapeDtypeStruct((batch, seq, heads, 128), jnp.bfloat16)
+        st, _ = fa._setup(q, q, mask, None, 128, 2, num_ctas)
+        return fa._fwd_grid(st, batch * heads * st.q_pad // fa._FWD_BQ)
+
+    seg = jnp.ones((2, 16384), jnp.int32)
+    assert grid(16384, MaskSpec()) == 2 * 4 * 128            # long causal rows: one per item
+    assert grid(16384, MaskSpec(window=1024)) == 132         # short items: persistent
+    assert grid(16384, MaskSpec(chunk=jnp.int32(512))) == 132
+    assert grid(16384, MaskSpec(q_segment_ids=seg)) == 132
+    assert grid(8192, MaskSpec()) == 132                     # 8K: persistent
+    assert grid(1024, MaskSpec(), batch=1, heads=1) == 8     # never more CTAs than items
+    assert grid(16384, MaskSpec(), num_ctas=64) == 64        # an explicit grid wins
+
+
 def test_bad_inputs_name_the_fix():
     q = jnp.zeros((1, 128, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
