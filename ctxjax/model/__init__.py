@@ -27,7 +27,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.document_mask = True  # attend only within a document of a packed row
     c.sinks = 0  # first n tokens of each row visible to every later query (Λ-shape / anchor)
     c.attention_impl = "auto"  # auto | xla | xla_blockwise | cudnn | pallas_gpu | pallas_tpu | splash
-    c.attention_deterministic = True  # False: Pallas GPU fused backward (faster for long causal rows, not bit-reproducible)
+    c.attention_deterministic = True  # False: Pallas GPU fused backward (1.07-1.13x for causal masks, not bit-reproducible)
     c.context_strategy = "ring"  # context parallelism: ring | all_gather
     c.remat = "full"  # none | full | save_matmuls | offload
     c.param_dtype = "float32"

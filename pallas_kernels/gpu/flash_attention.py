@@ -974,6 +974,15 @@ def _forward(q, k, v, st, mask_parts):
     return out[:, :st.q_len], lse[:, :, :st.q_len]
 
 
+def _fused_backward(st: _Static) -> bool:
+    """The one-kernel backward, if non-deterministic results are allowed and the mask has no
+    window or chunk term: with one, the two-kernel backward measured 3-6% faster forward+
+    backward on an H100 (8K/32K), so the fused one would only cost reproducibility. With
+    causal, non-causal and document masks the fused one was 1.07-1.13x faster at 32K-128K
+    (docs/hopper_kernel_notes.md, session 6)."""
+    return not st.deterministic and not st.has_lo
+
+
 def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     padded, rows, cols, sinks = mask_parts
     q_pad, kv_pad = st.q_pad, st.kv_pad
@@ -991,12 +1000,9 @@ def _backward(q, k, v, out, lse, dout, st, mask_parts, dlse=None):
     qp, kp, vp = _pad_seq(q, q_pad), _pad_seq(k, kv_pad), _pad_seq(v, kv_pad)
     dop = _pad_seq(dout.astype(q.dtype), q_pad)
     lists, counts = backward_lists(padded, batch, q_pad, kv_pad, st.kv_padded)
-    if st.deterministic:
+    if not _fused_backward(st):
         # dK/dV by key blocks and dQ by query blocks, in two kernels: no float32 atomics, and
-        # the gradients are bit-reproducible. Seven matmuls per tile instead of five, yet on
-        # an H100 faster than the fused kernel with 4+ sequences per call and for non-causal
-        # masks (the fused one wins on causal with B <= 2; docs/hopper_kernel_notes.md,
-        # sessions 2, 4, 5).
+        # the gradients are bit-reproducible. Seven matmuls per tile instead of five.
         dk, dv = _dkdv_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, lists, counts, st)
         dq_lists, dq_counts = forward_lists(padded, batch, q_pad, kv_pad, _DQ_BK, st.kv_padded)
         dq = _dq_call(qp, kp, vp, dop, lse2, delta, rows, cols, sinks, dq_lists, dq_counts, st)
@@ -1061,10 +1067,11 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
 
     `deterministic` (default True) computes dQ in its own kernel: bit-reproducible
     gradients, seven matmuls per tile. False fuses dQ into the dK/dV kernel (five matmuls,
-    dQ reduce-added in float32, so the result varies in the last bits from run to run). On
-    an H100 its backward was 1.10-1.28x faster for causal masks with B <= 2 (S = 8K-128K)
-    and slower with B >= 4 and for window, chunk, document and non-causal masks
-    (docs/hopper_kernel_notes.md, session 5).
+    dQ reduce-added in float32, so the result varies in the last bits from run to run) for
+    masks without a window or chunk term. On an H100 that made forward+backward 1.07-1.13x
+    faster for causal masks at 8K-128K, 0.94-1.04x for 8 documents per row
+    (docs/hopper_kernel_notes.md, session 6). With a window or chunk the two-kernel backward
+    runs either way: it measured faster there.
     """
     _check_inputs(q, k, v, block_kv, num_stages)
     st, mask_parts = _setup(q, k, mask, scale, block_kv, num_stages, num_ctas, deterministic)
