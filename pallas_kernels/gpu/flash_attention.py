@@ -87,7 +87,7 @@ class _Static:
     scale: float
     block_kv: int
     num_stages: int
-    num_ctas: int | None  # forward grid size; None = chosen by _fwd_grid
+    num_ctas: int | None  # forward and dQ grid size; None = chosen by _items_grid
     deterministic: bool = True  # backward: dQ by query blocks (else reduce-added, fused)
 
     @property
@@ -369,12 +369,13 @@ def _query_stationary_scratch(plgpu, *, d, dtype, bk, stages, row_names, col_nam
     return scratch
 
 
-def _fwd_grid(st: _Static, total: int) -> int:
-    """CTAs of the forward. Persistent (one per SM; the next item's Q is prefetched) unless
-    the items are long causal rows: from 16K keys, one CTA per item measured 1.4-3.7% faster
-    on an H100 (16K/32K/128K; the hardware's block scheduler balances the uneven causal items
-    better than the static snake deal), while at 8K and for window and chunk masks it was
-    1-17% slower (docs/hopper_kernel_notes.md, session 6)."""
+def _items_grid(st: _Static, total: int) -> int:
+    """CTAs of the forward and dQ kernels, which walk the same (batch, head, 128-query
+    block) items. Persistent (one per SM; the next item's Q is prefetched) unless the items
+    are long causal rows: from 16K keys, one CTA per item measured 1.4-3.7% faster in the
+    forward on an H100 (16K/32K/128K; the hardware's block scheduler balances the uneven
+    causal items better than the static snake deal), while at 8K and for window and chunk
+    masks it was 1-17% slower (docs/hopper_kernel_notes.md, session 6)."""
     if st.num_ctas:
         return max(1, min(total, st.num_ctas))
     long_causal = st.causal and not (st.has_lo or st.has_seg) and st.kv_pad >= 128 * st.block_kv
@@ -391,7 +392,7 @@ def _fwd_call(q, k, v, rows, cols, sinks, lists, counts, st: _Static):
     dtype = q.dtype
     f32 = jnp.float32
     total = batch * hq * nq
-    grid = _fwd_grid(st, total)
+    grid = _items_grid(st, total)
     c2 = st.scale * _LOG2E
     ROW, COL = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     WGMMA = plgpu.Layout.WGMMA
@@ -572,7 +573,7 @@ def _dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _St
     dtype = q.dtype
     f32 = jnp.float32
     total = batch * hq * nq
-    grid = _fwd_grid(st, total)
+    grid = _items_grid(st, total)
     c2 = st.scale * _LOG2E
     ROW, COL = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     WGMMA = plgpu.Layout.WGMMA
@@ -1062,8 +1063,9 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
     `mask` is a `pallas_kernels.mask.MaskSpec` (None = causal). Returns out [B,T,Hq,D], and
     lse [B,Hq,T] float32 when `return_lse`. Differentiable in q, k, v (custom VJP, also
     through lse). `block_kv` / `num_stages` set the
-    forward key block and the depth of its K/V pipeline; `num_ctas` sets the forward grid
-    (default: one CTA per SM, or one per 128-query block for causal rows of 16K+ keys).
+    forward key block and the depth of its K/V pipeline; `num_ctas` sets the grid of the forward
+    and dQ kernels (default: one CTA per SM, or one per 128-query block for causal rows of
+    16K+ keys).
 
     `deterministic` (default True) computes dQ in its own kernel: bit-reproducible
     gradients, seven matmuls per tile. False fuses dQ into the dK/dV kernel (five matmuls,
