@@ -977,10 +977,10 @@ def _forward(q, k, v, st, mask_parts):
 
 def _fused_backward(st: _Static) -> bool:
     """The one-kernel backward, if non-deterministic results are allowed and the mask has no
-    window or chunk term: with one, the two-kernel backward measured 3-6% faster forward+
-    backward on an H100 (8K/32K), so the fused one would only cost reproducibility. With
-    causal, non-causal and document masks the fused one was 1.07-1.13x faster at 32K-128K
-    (docs/hopper_kernel_notes.md, session 6)."""
+    window or chunk term. On an H100 (docs/hopper_kernel_notes.md, session 6), forward+
+    backward, fused against two-kernel: causal 1.07-1.13x (8K-128K), 8 documents per row
+    0.94-1.04x, non-causal backward 1.08x; window and chunk 1024 0.94-0.96x in three of four
+    cells (1.02x in the fourth), so those keep the two-kernel backward."""
     return not st.deterministic and not st.has_lo
 
 
