@@ -242,7 +242,7 @@ def test_eval_batches_are_fixed_and_held_out(corpus):
         for tokens, rope in _segments(b):
             assert np.array_equal(rope, np.arange(len(tokens)))
     train_ids = set(_doc_ids(_take(cfg, 8, seq_len=256, batch=4)))
-    assert len(train_ids) > 20 and not train_ids & held_out_ids
+    assert len(train_ids) > 12 and not train_ids & held_out_ids  # ~25 documents start in 8K tokens
     cfg.validation_sources = [dict(kind="jsonl", path=str(path))]  # a separate set, nothing held out
     assert set(_doc_ids(make_eval_batches(cfg, seq_len=256, batch_size=4, num_batches=2))) - held_out_ids
 
