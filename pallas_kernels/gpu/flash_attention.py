@@ -59,8 +59,6 @@ _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
 # the same dQ rows through L2; with the batch last they were one CTA per head once B*H
 # approached the SM count (docs/hopper_kernel_notes.md, session 6).
 _DKDV_KEY_BLOCKS_FASTEST = True
-_FUSED_P_FROM_SMEM = False   # probe: fused dV reads P^T from SMEM (16 KB more SMEM)
-_FUSED_SMEM_PAD = 0          # probe: bytes of unused SMEM added to the fused kernel
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the kernel
@@ -740,7 +738,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
 
     def kernel(*refs, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, q_free,
                lse_smem=None, delta_smem=None, stats_smem=None, ds_smem=None, dq_smem=None,
-               ds_ready=None, p_smem=None, pad_smem=None, **vec_smem):
+               ds_ready=None, **vec_smem):
         ins = dict(zip(in_names, refs))
         dk_ref, dv_ref = refs[len(in_names):]
         lists_ref, counts_ref = ins["lists"], ins["counts"]
@@ -813,8 +811,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                     # K[its keys, :].
                     parity = lax.rem(j, 2)
                     ds_smem.at[parity, wg][...] = ds_t
-                    if p_smem is not None:
-                        p_smem.at[wg][...] = p_t
                     plgpu.commit_smem()
                     if exchange:
                         plgpu.barrier_arrive(ds_ready)
@@ -822,8 +818,7 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                     # Fused: dK reads dS^T from its SMEM copy, so the registers die at the
                     # store (spills 156 -> 120 bytes per thread; 2.5-4% faster, session 6).
                     ds_op = ds_smem.at[parity, wg] if fused else ds_t
-                    p_op = p_smem.at[wg] if p_smem is not None else p_t
-                    dv, dk = _wgmma_group((dv, dk), [(0, p_op, do_smem.at[slot]), (1, ds_op, q_smem.at[slot])])
+                    dv, dk = _wgmma_group((dv, dk), [(0, p_t, do_smem.at[slot]), (1, ds_op, q_smem.at[slot])])
                 if not fused:
                     plgpu.barrier_arrive(q_free.at[slot])
                     return dk, dv
@@ -900,10 +895,6 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
                        ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
                        dq_smem=_tiled(plgpu, (2, _BWD_BQ, chunk), f32),
                        ds_ready=plgpu.Barrier(num_arrivals=2))
-        if _FUSED_P_FROM_SMEM:
-            scratch["p_smem"] = _tiled(plgpu, (2, _ROWS, _BWD_BQ), dtype)
-        if _FUSED_SMEM_PAD:
-            scratch["pad_smem"] = plgpu.SMEM((_FUSED_SMEM_PAD // 4,), f32)
     else:
         scratch.update(lse_smem=plgpu.SMEM((stages, _BWD_BQ), f32),
                        delta_smem=plgpu.SMEM((stages, _BWD_BQ), f32))
