@@ -888,9 +888,9 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     )
     if fused:
-        # lse and delta share one buffer here. Laid out as two, the fused kernel's SMEM grows
-        # by 1 KB and it ran 1.8x slower at 32K causal on an H100 (84 against 46 ms;
-        # docs/hopper_kernel_notes.md, session 5). Scratch is allocated in name order.
+        # lse and delta share one buffer here: 1 KB more SMEM than the fused kernel has made
+        # it 6-7% slower on an H100 (1.8x before session 6's grid order; likely the L1 left
+        # for its register spills; docs/hopper_kernel_notes.md, runs 27-28 and 46).
         scratch.update(stats_smem=plgpu.SMEM((stages, 2, _BWD_BQ), f32),
                        ds_smem=_tiled(plgpu, (2, 2, _ROWS, _BWD_BQ), dtype),
                        dq_smem=_tiled(plgpu, (2, _BWD_BQ, chunk), f32),
