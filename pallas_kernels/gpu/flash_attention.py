@@ -8,22 +8,23 @@ sink count (traced scalars) never recompiles. Tiles proven FULL skip the element
 
 Kernel structure (FlashAttention-3 style, one CTA = three warpgroups):
   * forward: a persistent grid (one CTA per SM) walks (batch, head, 128-query block) work
-    items, dealt to the CTAs in snake order (for causal rows of 16K+ keys, one CTA per item
-    instead: the hardware scheduler balances their uneven lengths better). Warpgroup 2 issues TMA copies (Q
-    double-buffered across items, K/V in a ring of `num_stages` slots); warpgroups 0 and 1
-    each own 64 query rows, run QK^T and PV on the tensor cores (wgmma) and the online
-    softmax, ping-ponging through a shared barrier so one warpgroup's softmax overlaps the
-    other's matmuls.
+    items, dealt to the CTAs in snake order (for causal rows of 16K+ keys, one CTA per
+    item instead: the hardware scheduler balances their uneven lengths better). Warpgroup
+    2 issues TMA copies (Q double-buffered across items, K/V in a ring of `num_stages`
+    slots); warpgroups 0 and 1 each own 64 query rows, run QK^T and PV on the tensor cores
+    (wgmma) and the online softmax, ping-ponging through a shared barrier so one
+    warpgroup's softmax overlaps the other's matmuls.
   * backward: two kernels, so no float32 atomics and deterministic gradients. dK/dV: one
     CTA per (batch, kv head, 128-key block), key blocks launched fastest so the CTAs
     resident together share one head's Q/dO through L2; warpgroups 0/1 own 64 key rows
-    each and keep dK, dV in registers while warpgroup 2 streams (Q, dO, lse, delta) blocks of 64 queries
-    for every query head of the GQA group (S^T and dP^T, so P^T and dS^T feed the dV and dK
-    matmuls straight from registers). dQ: the forward's persistent query-stationary
-    structure with 64-key blocks; dQ, S and dP stay in registers (three matmuls per tile).
-    With `deterministic=False` the dK/dV kernel also computes dQ and TMA reduce-adds it in
-    float32 (five matmuls per tile, FlashAttention-3 style) for masks without a window or
-    chunk: on an H100 1.07-1.13x faster forward+backward for causal masks.
+    each and keep dK, dV in registers while warpgroup 2 streams (Q, dO, lse, delta) blocks
+    of 64 queries for every query head of the GQA group (S^T and dP^T, so P^T and dS^T
+    feed the dV and dK matmuls straight from registers). dQ: the forward's persistent
+    query-stationary structure with 64-key blocks; dQ, S and dP stay in registers (three
+    matmuls per tile). With `deterministic=False` the dK/dV kernel also computes dQ and
+    TMA reduce-adds it in float32 (five matmuls per tile, FlashAttention-3 style) for masks
+    without a window or chunk: on an H100 1.07-1.13x faster forward+backward for causal
+    masks.
 
 Measurements, versions and what did not help: docs/hopper_kernel_notes.md.
 
