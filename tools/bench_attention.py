@@ -1,8 +1,9 @@
 """Benchmark attention on a GPU: our Pallas Mosaic GPU kernel vs cuDNN vs tokamax vs XLA.
 
 `ours` is the default (deterministic) backward; `ours_fused` is `deterministic=False`, the
-fused one-kernel backward (dQ reduce-added in float32, as FlashAttention-2/3 do), timed in
-forward+backward only (its forward is ours).
+fused one-kernel backward (dQ reduce-added in float32, as FlashAttention-2/3 do; for window
+and chunk masks the kernel keeps the two-kernel one), timed in forward+backward only (its
+forward is ours).
 
 bf16, head_dim 128, 16 heads, B x S = 64K tokens (B = 1 at S = 128K), masks: causal, sliding
 window 1024, SkyLadder chunk 1024, 8 equal documents per row; forward and forward+backward.

@@ -8,8 +8,8 @@
 
 `deterministic=False` lets the Pallas GPU kernel fuse its backward into one kernel (dQ
 reduce-added in float32, so gradients vary in the last bits between runs); the other
-backends ignore it. On an H100 that backward is faster for causal masks with one or two
-sequences per device and slower otherwise (docs/hopper_kernel_notes.md, session 5).
+backends ignore it. The kernel fuses only masks without a window or chunk; on an H100 that
+made causal forward+backward 1.07-1.13x faster (docs/hopper_kernel_notes.md, session 6).
 """
 from __future__ import annotations
 

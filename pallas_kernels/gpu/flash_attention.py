@@ -57,11 +57,6 @@ _INT_MAX = 2 ** 31 - 1
 _DQ_BK = 64               # dQ kernel key block (dQ, S and dP all live in registers)
 _DQ_STAGES = 2            # dQ kernel K/V ring depth
 _DKDV_STAGES = 2          # dK/dV kernel Q/dO ring depth
-# Mosaic GPU launches the LAST grid axis fastest. With the key blocks last, the CTAs resident
-# together are the key blocks of one head, which read the same Q/dO tiles and reduce-add into
-# the same dQ rows through L2; with the batch last they were one CTA per head once B*H
-# approached the SM count (docs/hopper_kernel_notes.md, session 6).
-_DKDV_KEY_BLOCKS_FASTEST = True
 
 # Development hooks (tools/probe_hopper.py), read when a kernel is traced, so use a fresh
 # jit after a change: `_PROFILE_DIR` turns on Mosaic GPU's in-kernel profiler for the kernel
@@ -908,8 +903,10 @@ def _dkdv_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: _
         kernel,
         out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
         scratch_types=scratch,
-        **(dict(grid=(batch, hkv, nk), grid_names=("b", "hk", "kb")) if _DKDV_KEY_BLOCKS_FASTEST
-           else dict(grid=(nk, hkv, batch), grid_names=("kb", "hk", "b"))),
+        # Mosaic GPU launches the LAST grid axis fastest: with the key blocks last, the CTAs
+        # resident together are one head's, sharing its Q/dO tiles and dQ rows through L2
+        # (batch last: one CTA per head once B*H nears the SM count, HBM-bound; session 6).
+        grid=(batch, hkv, nk), grid_names=("b", "hk", "kb"),
         num_threads=3, thread_name="wg",
         compiler_params=_compiler_params(plgpu, "dkdv"),
     )
