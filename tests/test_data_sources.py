@@ -1,6 +1,8 @@
-"""ctxjax.data sources and corpora: the embedded stdlib corpus and its fixed held-out split, text /
+"""ctxjax.data sources and corpora: the embedded stdlib corpus and its fixed held-out split, the
+python_packages corpus (on a fake installation: deduplication, order, split, fingerprint), text /
 JSONL / Parquet / ArrayRecord readers against the files they read, bad input (empty files,
 non-UTF-8 bytes, globs matching nothing, unfinished shards), and tools/build_corpus.py."""
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +16,8 @@ import pytest
 
 from ctxjax.data import build_corpus, make_tokenizer, stdlib_files
 from ctxjax.data import corpus as corpus_lib
-from ctxjax.data.sources import key_hash, open_source, unit_hash
+from ctxjax.data import sources as sources_lib
+from ctxjax.data.sources import key_hash, open_source, source_fingerprint, unit_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = np.random.SeedSequence().entropy
@@ -79,6 +82,105 @@ def test_split_ignores_python_hash_seed():
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                            env={**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": REPO}).stdout
     assert there.strip() == here and len(here) > 100
+
+
+def _fake_installation(tmp_path, rng, layout="a"):
+    """Three roots (stdlib, site-packages, dist-packages) of .py files, with duplicates, an empty
+    file, a non-UTF-8 file, a non-.py file and a package directory nested in the stdlib. Returns
+    (roots, the distinct contents that make the corpus). Layout 'b' installs the same packages
+    in other roots, as another machine would."""
+    std, site, dist = (tmp_path / layout / d for d in ("lib", "site-packages", "dist-packages"))
+    if layout == "b":
+        site, dist = dist, site
+    files = {std / "os.py": "import sys\n", std / "json/__init__.py": "from .decoder import *\n",
+             std / "json/decoder.py": "class JSONDecoder: ...\n",
+             std / "site-packages/not_stdlib.py": "x = 'nested package directory'\n",
+             std / "__pycache__/cached.py": "skipped\n",
+             site / "six.py": "# six\nPY3 = True\n", site / "pip/_vendor/six.py": "# six\nPY3 = True\n",
+             site / "pkg/__init__.py": "VERSION = 1\n", dist / "pkg/__init__.py": "VERSION = 1\n",
+             dist / "six.py": "# another six\n", site / "pkg/empty.py": "", site / "pkg/notes.txt": "not python\n"}
+    for i in range(150):  # nested packages with random bodies, for the split
+        body = "".join(chr(c) for c in rng.integers(32, 0x3000, int(rng.integers(1, 60))))
+        files[(site if i % 2 else dist) / f"deep{i % 3}/sub{i % 5}/mod{i}.py"] = f"# {i}\n{body}\n"
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    (site / "pkg/latin1.py").write_bytes(b"# caf\xe9\n")  # not UTF-8: skipped
+    skipped = {std / "site-packages/not_stdlib.py", std / "__pycache__/cached.py", site / "pkg/notes.txt"}
+    contents = {t for p, t in files.items() if p not in skipped and t}
+    return [str(std), str(site), str(dist)], contents
+
+
+def _shuffled_walk(rng):
+    """os.walk listing directories and files in a random order (as another filesystem might)."""
+    walk = os.walk
+
+    def shuffled(top, *args, **kwargs):
+        for dirpath, dirnames, filenames in walk(top, *args, **kwargs):
+            rng.shuffle(dirnames)  # in place: os.walk descends into the list it yielded
+            rng.shuffle(filenames)
+            yield dirpath, dirnames, filenames
+    return shuffled
+
+
+def test_python_packages_dedup_order_split_and_fingerprint(tmp_path, monkeypatch):
+    rng = _rng(5)
+    roots, contents = _fake_installation(tmp_path, rng)
+    monkeypatch.setattr(sources_lib, "python_package_roots", lambda: roots)
+    spec = dict(kind="python_packages")
+    every = open_source(spec, split="all", validation_fraction=0.0)
+    docs = _docs(every)
+    assert sorted(docs) == sorted(contents)  # each content once; empty, non-UTF-8, nested, non-.py skipped
+    assert every.keys == sorted(every.keys) and every.decoder.bad_documents == 0
+    assert "pip/_vendor/six.py" in every.keys and "six.py" in every.keys  # a copy once, under its smallest key
+    assert every.keys.count("six.py") == 1 and every.keys.count("pkg/__init__.py") == 1
+    fingerprint = source_fingerprint(spec)
+    assert fingerprint["files"] == len(contents)
+    assert fingerprint["bytes"] == sum(len(t.encode()) for t in contents)
+
+    # Neither the listing order of directories nor the order of the roots changes anything.
+    monkeypatch.setattr(sources_lib.os, "walk", _shuffled_walk(rng))
+    monkeypatch.setattr(sources_lib, "python_package_roots", lambda: roots[::-1])
+    again = open_source(spec, split="all", validation_fraction=0.0)
+    assert again.keys == every.keys and _docs(again) == docs
+    assert source_fingerprint(spec) == fingerprint
+
+    # A fixed split by content: disjoint, covering, both non-empty, and the same for the same file
+    # installed elsewhere (layout 'b').
+    split = {s: _docs(open_source(spec, split=s, validation_fraction=0.2)) for s in ("train", "validation")}
+    assert sorted(split["train"] + split["validation"]) == sorted(contents)
+    assert not set(split["train"]) & set(split["validation"]) and len(split["validation"]) > 5
+    digest = {t: hashlib.sha256(t.encode()).hexdigest() for t in contents}
+    assert set(split["validation"]) == {t for t in contents if _splitmix_reference(key_hash(digest[t]), 0) < 0.2}
+    other_roots, _ = _fake_installation(tmp_path, _rng(5), layout="b")
+    monkeypatch.setattr(sources_lib, "python_package_roots", lambda: other_roots)
+    assert set(_docs(open_source(spec, split="validation", validation_fraction=0.2))) == set(split["validation"])
+    assert source_fingerprint(spec) == fingerprint  # keys are relative to their root
+
+    # Changing one file changes the fingerprint; changing it back restores it. `path` keeps names.
+    monkeypatch.setattr(sources_lib, "python_package_roots", lambda: roots)
+    changed = tmp_path / "a/site-packages/pkg/__init__.py"
+    changed.write_text("VERSION = 2  # changed\n")
+    assert source_fingerprint(spec)["sha256"] != fingerprint["sha256"]
+    changed.write_text("VERSION = 1\n")
+    assert source_fingerprint(spec) == fingerprint
+    only = open_source(dict(kind="python_packages", path=["pkg", "os"]), split="all", validation_fraction=0.0)
+    assert only.keys == ["os.py", "pkg/__init__.py"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        open_source(dict(kind="python_packages", path=["pkg", "nope"]), split="all", validation_fraction=0.0)
+
+
+def test_python_packages_on_this_installation():
+    roots = sources_lib.python_package_roots()
+    assert roots[0] == sysconfig.get_paths()["stdlib"] and sysconfig.get_paths()["purelib"] in roots
+    spec = dict(kind="python_packages", path=["json", "numpy"])  # a few hundred files, not all of them
+    src = open_source(spec, split="all", validation_fraction=0.0)
+    assert {"json/__init__.py", "numpy/__init__.py"} <= set(src.keys)
+    assert {k.split(os.sep)[0] for k in src.keys} == {"json", "numpy"}
+    assert "class JSONDecoder" in src.docs[src.keys.index("json/decoder.py")]
+    fingerprint = source_fingerprint(spec)
+    assert fingerprint["files"] == len(src.docs) and fingerprint["bytes"] > 10**6
+    assert len(fingerprint["sha256"]) == 64
 
 
 def test_text_files_globs_empty_files_and_bad_utf8(tmp_path, caplog):
@@ -228,3 +330,15 @@ def test_build_corpus_tool_on_jsonl(tmp_path):
     assert "30 documents" in result.stdout
     meta = json.loads((out / "corpus.json").read_text())
     assert meta["tokens"] == sum(len(f"line {i}\n\tindented") for i in range(30))
+
+
+def test_build_corpus_tool_on_python_packages(tmp_path):
+    out = tmp_path / "c"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools/build_corpus.py"), "--out", str(out),
+                             "--kind", "python_packages", "--path", "json"],
+                            capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "corpus.json").read_text())
+    fingerprint = source_fingerprint(dict(kind="python_packages", path="json"))
+    assert meta["documents"] == fingerprint["files"] and meta["tokens"] == fingerprint["bytes"]
+    assert fingerprint["sha256"] in meta["description"]

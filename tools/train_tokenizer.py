@@ -22,7 +22,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="where to write tokenizer.json")
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--kind", default="stdlib", choices=("stdlib", "text", "jsonl", "arrayrecord"))
+    parser.add_argument("--kind", default="stdlib", choices=("stdlib", "python_packages", "text", "jsonl", "arrayrecord"))
     parser.add_argument("--path", nargs="*", default=[], help="files, directories or globs (not for stdlib)")
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--max_docs", type=int, default=0, help="train on at most this many documents (0: all)")

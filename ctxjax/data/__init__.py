@@ -16,11 +16,11 @@ from ctxjax.data.pipeline import (
     make_train_iterator,
     pose_positions,
 )
-from ctxjax.data.sources import stdlib_files
+from ctxjax.data.sources import source_fingerprint, stdlib_files
 from ctxjax.data.tokenizer import Tokenizer, check_vocab, make_tokenizer, train_bpe
 
 __all__ = [
     "BATCH_KEYS", "Stage", "Tokenizer", "build_corpus", "check_vocab", "curriculum_stages",
     "default_data_config", "make_eval_batches", "make_tokenizer", "make_train_iterator",
-    "pose_positions", "stdlib_files", "train_bpe", "validate_data_config",
+    "pose_positions", "source_fingerprint", "stdlib_files", "train_bpe", "validate_data_config",
 ]

@@ -20,13 +20,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     # of packed rows, i.e. of training tokens (e.g. ProLong's 0.6 long code/books + 0.4 short).
     #   kind: 'stdlib'      the Python standard library's own .py files (no download, one
     #                       document per file; many are longer than 8K tokens)
+    #         'python_packages'  every .py file of this Python: the standard library and every
+    #                       site-/dist-packages directory, each content once (no download; ~300 MB
+    #                       with torch, transformers and jax; the file set differs between machines: record
+    #                       sources.source_fingerprint). Held out by content hash.
     #         'text'        one document per file
     #         'jsonl'       one document per line, the text in `text_field`
     #         'parquet'     streamed row groups, the text in column `text_field`
     #         'arrayrecord' random access: token ids written by tools/build_corpus.py (a
     #                       corpus.json beside the shards), or else UTF-8 text records
     #   path: a file, a directory (every file below it), a glob ('**' recurses) or a list of
-    #         them; ignored for 'stdlib'
+    #         them; ignored for 'stdlib'; for 'python_packages', top-level package or module
+    #         names to keep (e.g. ['numpy', 'json']), empty for all
     c.sources = (dict(kind="stdlib", path="", text_field="text", weight=1.0),)
 
     # --- tokenizer

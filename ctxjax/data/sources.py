@@ -6,19 +6,23 @@ documents, globally shuffled by the pipeline) or streaming (Parquet: a function 
 when the source was pre-tokenized by tools/build_corpus.py.
 
 Held-out split: a document is held out for validation iff a stable 64-bit hash of its key falls
-below `validation_fraction`. Keys are the relative path (stdlib, text), (path, line) for JSONL,
-(shard, record) for ArrayRecord and (path, row) for Parquet, so the split is the same on every
-machine and does not depend on the shuffle seed.
+below `validation_fraction`. Keys are the relative path (stdlib, text), the SHA-256 of the
+contents (python_packages, whose files sit at different paths on different machines), (path,
+line) for JSONL, (shard, record) for ArrayRecord and (path, row) for Parquet, so the split is the
+same on every machine and does not depend on the shuffle seed.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import logging
 import mmap
 import os
+import site
+import sys
 import sysconfig
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +32,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
+KINDS = ("stdlib", "python_packages", "text", "jsonl", "parquet", "arrayrecord")
+ONE_DOCUMENT_PER_FILE = ("stdlib", "python_packages", "text")
+PACKAGE_DIRS = ("site-packages", "dist-packages")  # where installed packages live
 CORPUS_META = "corpus.json"  # written by tools/build_corpus.py beside its ArrayRecord shards
 CORPUS_FORMAT = "ctxjax-tokens-v1"
 
@@ -42,7 +48,7 @@ class Source:
     stream: Callable[..., grain.IterDataset] | None = None  # (shard_index, shard_count, seed, shuffle)
     corpus_meta: dict | None = None  # set when documents are token ids (pre-tokenized ArrayRecord)
     decoder: Utf8Decoder | None = None  # its counts cover reads made in this process
-    keys: list[str] | None = None  # one-document-per-file sources: the split key of each document
+    keys: list[str] | None = None  # one-document-per-file sources: each document's path relative to its root
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -163,6 +169,19 @@ def drop_empty_files(files: list[tuple[str, str]], *, what: str) -> list[tuple[s
     return nonempty
 
 
+def _py_files(root: str, only: Sequence[str] = ()) -> list[str]:
+    """Sorted paths, relative to `root`, of the .py files below it. Installed-package directories
+    (roots of their own) and __pycache__ are skipped; `only` keeps these top-level names alone."""
+    rel = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in (*PACKAGE_DIRS, "__pycache__")]
+        if only and dirpath == root:
+            dirnames[:] = [d for d in dirnames if d in only]
+            filenames = [f for f in filenames if f.removesuffix(".py") in only]
+        rel += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")]
+    return sorted(rel)
+
+
 def stdlib_files() -> tuple[str, list[str]]:
     """The standard library's own .py files: (root, sorted relative paths).
 
@@ -170,13 +189,76 @@ def stdlib_files() -> tuple[str, list[str]]:
     on every machine with the same Python.
     """
     root = sysconfig.get_paths()["stdlib"]
-    rel = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
-        rel += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")]
+    rel = _py_files(root)
     if not rel:
         raise FileNotFoundError(f"No .py files under the standard library directory {root!r}.")
-    return root, sorted(rel)
+    return root, rel
+
+
+def python_package_roots() -> list[str]:
+    """The standard library, then every site-packages / dist-packages directory of this Python
+    (sysconfig's purelib and platlib, site's, the user's, and those on sys.path), each once."""
+    paths = sysconfig.get_paths()
+    site_dirs = [paths["purelib"], paths["platlib"], *getattr(site, "getsitepackages", list)()]
+    if site.ENABLE_USER_SITE:
+        site_dirs.append(site.getusersitepackages())
+    site_dirs += [p for p in sys.path if os.path.basename(os.path.normpath(p or ".")) in PACKAGE_DIRS]
+    roots, seen = [], set()
+    for d in [paths["stdlib"], *sorted(site_dirs)]:
+        if os.path.isdir(d) and os.path.realpath(d) not in seen:
+            seen.add(os.path.realpath(d))
+            roots.append(d)
+    return roots
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> tuple[str, bool]:
+    """(SHA-256 of a file's bytes, whether they are valid UTF-8). Cached by (path, size, mtime),
+    so that opening both splits and fingerprinting read each file once per process."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        valid = True
+    except UnicodeDecodeError:
+        valid = False
+    return hashlib.sha256(raw).hexdigest(), valid
+
+
+def file_digest(path: str) -> tuple[str, bool]:
+    st = os.stat(path)
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
+
+
+def python_package_files(only: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """Every .py file of the standard library and the installed packages, once per content:
+    sorted (path, key, sha256), the key being the path relative to its root.
+
+    Identical files (vendored copies, a package installed twice) count once, under the smallest
+    key; empty files and files that are not valid UTF-8 are skipped. `only`: top-level package
+    or module names to keep (e.g. ['json', 'numpy']); empty keeps everything.
+    """
+    what = f"python_packages{' ' + str(list(only)) if only else ''}"
+    files = [(os.path.join(root, rel), rel) for root in python_package_roots() for rel in _py_files(root, only)]
+    missing = set(only) - {key.split(os.sep)[0].removesuffix(".py") for _, key in files}
+    if not files or missing:
+        raise FileNotFoundError(f"{what}: no .py files {f'for {sorted(missing)} ' if only else ''}"
+                                f"under {python_package_roots()}.")
+    found, not_utf8 = [], 0
+    for path, key in drop_empty_files(files, what=what):
+        digest, valid = file_digest(path)
+        if valid:
+            found.append((key, digest, path))
+        else:
+            not_utf8 += 1
+    kept, seen = [], set()
+    for key, digest, path in sorted(found):  # sorted: the kept copy does not depend on listing order
+        if digest not in seen:
+            seen.add(digest)
+            kept.append((path, key, digest))
+    log.info("%s: %d files, %d duplicates and %d not valid UTF-8 skipped.", what, len(kept),
+             len(found) - len(kept), not_utf8)
+    return kept
 
 
 class FileDocuments:
@@ -363,14 +445,9 @@ def open_source(spec, *, split: str, validation_fraction: float, index: int = 0,
         raise ValueError(f"data.validation_fraction={validation_fraction} must be in [0, 1).")
     decoder = Utf8Decoder(name)
 
-    if kind in ("stdlib", "text"):
-        if kind == "stdlib":
-            root, rel = stdlib_files()
-            files = [(os.path.join(root, r), r) for r in rel]
-        else:
-            files = expand_paths(path, what=name)
-        files = drop_empty_files(files, what=name)
-        held_out = np.array([unit_hash(key_hash(k)) < validation_fraction for _, k in files], bool)
+    if kind in ONE_DOCUMENT_PER_FILE:
+        files, split_keys = _file_documents(kind, path, name)
+        held_out = np.array([unit_hash(key_hash(k)) < validation_fraction for k in split_keys], bool)
         chosen = [(p, k) for (p, k), keep in zip(files, _keep(held_out, split)) if keep]
         docs = FileDocuments([p for p, _ in chosen], decoder)
         return Source(name, weight, docs=_nonempty(docs, name, split), decoder=decoder, keys=[k for _, k in chosen])
@@ -424,6 +501,41 @@ def open_source(spec, *, split: str, validation_fraction: float, index: int = 0,
     stream = _parquet_stream([p for p, _ in files], [k for _, k in files], text_field, split,
                              validation_fraction, name, decoder, parquet_cycle_length, shuffle_window)
     return Source(name, weight, stream=stream, decoder=decoder)
+
+
+def _names(path) -> tuple[str, ...]:
+    return (path,) if isinstance(path, str) and path else tuple(path or ())
+
+
+def _file_documents(kind: str, path, name: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, key) of every document of a one-document-per-file source, and the key that its
+    split is drawn from."""
+    if kind == "python_packages":
+        found = python_package_files(_names(path))
+        # Split by content: the same file, wherever a machine installs it, stays in one split.
+        return [(p, k) for p, k, _ in found], [digest for _, _, digest in found]
+    if kind == "stdlib":
+        root, rel = stdlib_files()
+        files = [(os.path.join(root, r), r) for r in rel]
+    else:
+        files = expand_paths(path, what=name)
+    files = drop_empty_files(files, what=name)
+    return files, [k for _, k in files]
+
+
+def source_fingerprint(spec) -> dict:
+    """Which files a stdlib, python_packages or text source reads (both splits): {'kind', 'files',
+    'bytes', 'sha256'}, the hash taken over the sorted (key, SHA-256 of the contents) pairs.
+
+    Record it with a run: python_packages differs between machines. Reads every file once per
+    process (open_source of python_packages has already read them)."""
+    kind, path = field_of(spec, "kind", ""), field_of(spec, "path", "")
+    if kind not in ONE_DOCUMENT_PER_FILE:
+        raise ValueError(f"source_fingerprint: kind {kind!r} is not one of {ONE_DOCUMENT_PER_FILE}.")
+    files, _ = _file_documents(kind, path, f"{kind}{': ' + str(path) if path else ''}")
+    pairs = sorted((key, file_digest(p)[0]) for p, key in files)
+    return {"kind": kind, "files": len(pairs), "bytes": sum(os.path.getsize(p) for p, _ in files),
+            "sha256": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()}
 
 
 def _nonempty(docs, name, split):
