@@ -3,13 +3,14 @@ independent byte-level reference stream), BOS/EOS, long-document splitting, RoPE
 (reset, continuous, PoSE), weighted mixtures, the length curriculum, host sharding, evaluation
 batches, worker processes, and configuration errors."""
 import json
+import random
 import re
 
 import numpy as np
 import pytest
 
 from ctxjax.data import (BATCH_KEYS, build_corpus, curriculum_stages, default_data_config, make_eval_batches,
-                         make_tokenizer, make_train_iterator)
+                         make_tokenizer, make_train_iterator, pose_positions)
 from ctxjax.data.sources import open_source
 
 SEED = np.random.SeedSequence().entropy
@@ -170,6 +171,60 @@ def test_rope_positions_continuous_and_pose(corpus):
     assert jumps > 10 and max(b["rope_positions"].max() for b in pose) > L
     again = _take(cfg, 3, seq_len=L, batch=4, seed=seed)
     assert all(np.array_equal(a["rope_positions"], b["rope_positions"]) for a, b in zip(pose, again))
+
+
+def _pose_offsets(rng, *, docs, n, target, chunks, per_row=10, pad=3):
+    """pose_positions on `docs` documents of n tokens, `per_row` to a row followed by `pad` padding
+    tokens: (positions [docs, n] with the structure checked, offsets = positions - arange(n))."""
+    rows = docs // per_row
+    segment_ids = np.tile(np.r_[np.repeat(np.arange(1, per_row + 1), n), np.zeros(pad, int)], (rows, 1))
+    positions = np.tile(np.r_[np.tile(np.arange(n), per_row), np.arange(pad)], (rows, 1))
+    out = pose_positions(positions, segment_ids, rng, target, chunks)
+    assert np.array_equal(out[:, -pad:], positions[:, -pad:])  # padding untouched
+    out = out[:, :-pad].reshape(docs, n)
+    steps = np.diff(out, axis=1)
+    assert np.all(out[:, 0] == 0) and np.all(steps >= 1) and out.max() <= target - 1
+    assert np.all(np.count_nonzero(steps > 1, axis=1) <= chunks - 1)  # consecutive within each chunk
+    return out, out - np.arange(n)
+
+
+def _paper_pose(r: random.Random, n: int, target: int) -> np.ndarray:
+    """Three PoSE chunks as sampled by the code of Fig. 6 of the paper (L_c = n, L_t = target)."""
+    l0 = r.randint(1, n - 2)
+    l1 = r.randint(1, n - l0 - 1)
+    u1 = r.randint(0, target - n)
+    u2 = r.randint(u1, target - n)
+    pos = np.arange(n)
+    pos[l0:] += u1
+    pos[l0 + l1:] += u2 - u1
+    return pos
+
+
+def _close(a, b, sigmas=4.5):
+    """Means of two samples (or a sample and a number) within `sigmas` standard errors."""
+    se2 = np.var(a, ddof=1) / len(a) + (np.var(b, ddof=1) / len(b) if np.ndim(b) else 0.0)
+    return abs(np.mean(a) - np.mean(b)) <= sigmas * np.sqrt(se2)
+
+
+def test_pose_skips_are_drawn_in_sequence_as_in_the_paper():
+    # One token per chunk (n == chunks) exposes every skip: token i sits at i + u_i.
+    skips_range, chunks, docs = 1000, 4, 30000
+    _, u = _pose_offsets(_rng(10), docs=docs, n=chunks, target=skips_range + chunks, chunks=chunks)
+    assert np.all(np.diff(u, axis=1) >= 0) and u.max() <= skips_range
+    for i in range(1, chunks):  # u_i ~ U{u_(i-1), ..., R}: E[u_i] = (E[u_(i-1)] + R) / 2 = R (1 - 2^-i)
+        assert _close(u[:, i], skips_range * (1 - 2.0**-i)), (i, u[:, i].mean())
+
+    # Chunk lengths and skips together, against the paper's sampling code with another RNG.
+    n, target, docs = 64, 1024, 20000
+    ours, u = _pose_offsets(_rng(11), docs=docs, n=n, target=target, chunks=3)
+    r = random.Random(int(_rng(12).integers(2**63)))
+    paper = np.stack([_paper_pose(r, n, target) for _ in range(docs)])
+    u_paper = paper - np.arange(n)
+    for stat in (lambda u: u[:, -1],  # the last skip
+                 lambda u: np.sum(u == 0, axis=1),  # the first chunk (and any chunk not skipped)
+                 lambda u: np.sum(u == u[:, -1:], axis=1),  # the last chunk (and any with its skip)
+                 lambda u: u.mean(axis=1)):
+        assert _close(stat(u), stat(u_paper)), (np.mean(stat(u)), np.mean(stat(u_paper)))
 
 
 def test_weighted_mixture_of_sources(tmp_path):

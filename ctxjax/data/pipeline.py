@@ -187,9 +187,14 @@ def pose_positions(positions: np.ndarray, segment_ids: np.ndarray, rng: np.rando
                    target_length: int, num_chunks: int) -> np.ndarray:
     """PoSE skip-wise positions (Zhu et al., 2023) for every document of every row.
 
-    A document of n tokens is cut at random into `num_chunks` chunks; chunk j is shifted by u_j,
-    with 0 = u_0 <= u_1 <= ... drawn from [0, target_length - n], so positions stay increasing
-    within the document and span up to target_length - 1.
+    A document of n tokens (the paper's L_c) is cut into k = min(num_chunks, n) chunks and chunk
+    i is shifted by a skipping bias u_i. Both are drawn in sequence, as in Sec. 3.2 and the
+    sampling code of Fig. 6 of the paper: the length of chunk i < k-1 is uniform on {1, ..., what
+    is left minus one token for each later chunk} (the last chunk takes the rest), u_0 = 0 and
+    u_i ~ U{u_(i-1), ..., target_length - n}. Positions are consecutive within a chunk, increase
+    along the document and stay below target_length. The tokens stay those of the document in
+    order (the paper's v_i = 0, which its Appendix A finds as good as sampling the content).
+    The released train_pose.py differs: two chunks, the first at most half the window.
     """
     out = positions.astype(np.int32, copy=True)
     for row in range(segment_ids.shape[0]):
@@ -199,11 +204,13 @@ def pose_positions(positions: np.ndarray, segment_ids: np.ndarray, rng: np.rando
             n = int(end - start)
             if seg[start] == 0 or n < 2 or num_chunks < 2:
                 continue
-            k = min(num_chunks, n)
-            cuts = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False))
-            skips = np.sort(rng.integers(0, target_length - n + 1, size=k - 1))
-            for cut, extra in zip(cuts, np.diff(np.r_[0, skips])):
-                out[row, start + cut:end] += extra
+            max_skip = target_length - n
+            cut, skip = int(start), 0
+            for later_chunks in range(min(num_chunks, n) - 1, 0, -1):
+                cut += int(rng.integers(1, end - cut - later_chunks + 1))  # this chunk's length
+                next_skip = int(rng.integers(skip, max_skip + 1))
+                out[row, cut:end] += next_skip - skip
+                skip = next_skip
     return out
 
 
