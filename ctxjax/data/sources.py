@@ -226,6 +226,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> tuple[str, bool]:
 
 
 def file_digest(path: str) -> tuple[str, bool]:
+    """(SHA-256 of the file's bytes, whether they are valid UTF-8)."""
     st = os.stat(path)
     return _file_digest(path, st.st_size, st.st_mtime_ns)
 
@@ -504,6 +505,7 @@ def open_source(spec, *, split: str, validation_fraction: float, index: int = 0,
 
 
 def _names(path) -> tuple[str, ...]:
+    """python_packages' `path`: top-level names, as a str or a list ('' or []: all)."""
     return (path,) if isinstance(path, str) and path else tuple(path or ())
 
 
