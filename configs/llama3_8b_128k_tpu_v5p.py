@@ -4,7 +4,7 @@ fsdp x context mesh, ring attention with zigzag load balancing, Pallas TPU kerne
     python -m ctxjax.train --config=configs/llama3_8b_128k_tpu_v5p.py --workdir=gs://bucket/run \
         --config.train.distributed=True
 """
-from configs import base
+from ctxjax import config as base
 
 
 def get_config():
@@ -15,9 +15,9 @@ def get_config():
     m.max_position_embeddings = 131072
     m.rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    m.attention_impl = "pallas_tpu"
-    m.context_strategy = "ring"
-    m.remat = "full"
+    config.parallel.attention = "pallas_tpu"
+    config.parallel.context_strategy = "ring"
+    config.parallel.remat = "full"
 
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=8))
     config.train.seq_len = 131072

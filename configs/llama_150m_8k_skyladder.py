@@ -4,7 +4,7 @@
         --config.data.sources='[{"kind": "arrayrecord", "path": "corpus/", "weight": 1.0}]' \
         --config.data.tokenizer=corpus/tokenizer.json
 """
-from configs import base
+from ctxjax import config as base
 
 
 def get_config():
@@ -15,7 +15,7 @@ def get_config():
     m.max_position_embeddings = 8192
     m.rope = {"rope_type": "default", "rope_theta": 500000.0}
     m.tie_embeddings = True
-    m.remat = "save_matmuls"
+    config.parallel.remat = "save_matmuls"
 
     config.mesh.fsdp = -1
     config.train.seq_len = 8192

@@ -1,6 +1,6 @@
 """A 1B Llama at 32K context: SkyLadder chunked windows, documents masked, interleaved
 local/global attention; one GPU node (8 GPUs: fsdp x context)."""
-from configs import base
+from ctxjax import config as base
 
 
 def get_config():
@@ -14,7 +14,7 @@ def get_config():
     m.tie_embeddings = True
     m.layer_pattern = ("local", "local", "global")
     m.local_window = 4096
-    m.remat = "full"
+    config.parallel.remat = "full"
 
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1, context=2))
     config.train.seq_len = 32768

@@ -3,7 +3,7 @@ SkyLadder window that climbs from 32 to the full 512 tokens. About 5 minutes on 
 
     python -m ctxjax.train --config=configs/tiny_cpu.py --workdir=runs/tiny
 """
-from configs import base
+from ctxjax import config as base
 
 
 def get_config():
@@ -13,7 +13,7 @@ def get_config():
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_dim = 256, 4, 4, 2, 768
     m.max_position_embeddings = 512
     m.dtype = "float32"  # CPUs have no fast bfloat16 matmuls
-    m.remat = "none"
+    config.parallel.remat = "none"
 
     config.train.seq_len = 512
     config.train.global_batch_size = 8

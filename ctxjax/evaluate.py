@@ -12,9 +12,7 @@ Results go to WORKDIR/eval_results.json (written atomically) and a table on stdo
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +92,10 @@ def retrieval_accuracy(logits_fn, tokenizer, haystack: str, lengths, depths, tri
 
 def evaluate_run(workdir: str, *, step=None, tasks=("ppl", "passkey", "niah"), lengths=(256, 512),
                  depths=(0.1, 0.5, 0.9), trials: int = 4, ppl_batches: int = 4, bucket: int = 0, seed: int = 0):
-    from ctxjax.checkpoint import load_model
+    from ctxjax.checkpoint import latest_step, load_model
     from ctxjax.data import make_eval_batches, make_tokenizer
 
+    step = latest_step(workdir) if step is None or step < 0 else step
     model, config = load_model(workdir, step)
     tokenizer = make_tokenizer(config.data)
 
@@ -127,16 +126,17 @@ def evaluate_run(workdir: str, *, step=None, tasks=("ppl", "passkey", "niah"), l
 
 
 def write_results(workdir: str, results: dict) -> str:
+    from ctxjax.metrics import write_json
     path = os.path.join(workdir, "eval_results.json")
-    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, results)
     return path
 
 
 def main(argv):
     del argv
+    from absl import logging
+    if not flags.FLAGS["verbosity"].present:  # keep Orbax/JAX info chatter off the results
+        logging.set_verbosity(logging.WARNING)
     FLAGS = flags.FLAGS
     if not FLAGS.workdir:
         raise app.UsageError("--workdir=DIR is required (a directory written by python -m ctxjax.train).")

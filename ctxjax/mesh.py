@@ -1,11 +1,13 @@
 """The device mesh and the one table mapping logical axis names to mesh axes.
 
 Model code names logical axes only ('batch', 'seq', 'embed', 'heads', ...); this module alone
-knows which mesh axis each one lands on. Mesh axes:
-  data    - pure data parallelism (replicated params)
-  fsdp    - data parallelism with params/optimizer state sharded (ZeRO-3)
-  tensor  - heads and MLP hidden units split across devices
-  context - the sequence split across devices (ring / all-gather attention)
+knows which mesh axis each one lands on, and it alone spells the mesh axes' names:
+  data     pure data parallelism (replicated params)
+  fsdp     data parallelism with params/optimizer state sharded (ZeRO-3)
+  tensor   heads and MLP hidden units split across devices
+  context  the sequence split across devices (ring / all-gather / Ulysses attention)
+  ulysses  hybrid context parallelism: the sequence split further, all-to-all to heads inside
+           each ring rank (USP)
 """
 from __future__ import annotations
 
@@ -17,19 +19,24 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
+DATA, FSDP, TENSOR, CONTEXT, ULYSSES = "data", "fsdp", "tensor", "context", "ulysses"
+# Later axes vary fastest over the devices: the context axes and tensor get the nearest
+# neighbours (the ring's hops, the all-to-alls).
+MESH_AXES = (DATA, FSDP, TENSOR, CONTEXT, ULYSSES)
+BATCH_AXES = (DATA, FSDP)
+SEQUENCE_AXES = (CONTEXT, ULYSSES)  # context-major: device (c, u) holds piece c * U + u
 
 # logical axis -> mesh axis (or axes); None = replicated. Activations and params share the table.
 LOGICAL_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "seq": "context",
+    "batch": BATCH_AXES,
+    "seq": SEQUENCE_AXES,
     "act_embed": None,  # activations' model dim stays whole
-    "embed": "fsdp",  # params' model dim: FSDP shards it
-    "heads": "tensor",
-    "kv_heads": "tensor",
+    "embed": FSDP,  # params' model dim: FSDP shards it
+    "heads": TENSOR,
+    "kv_heads": TENSOR,
     "head_dim": None,
-    "mlp": "tensor",
-    "vocab": "tensor",
+    "mlp": TENSOR,
+    "vocab": TENSOR,
     "layers": None,
     "norm": None,
 }
@@ -58,11 +65,12 @@ def _resolve_sizes(sizes: dict[str, int], num_devices: int, what: str) -> dict[s
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh from a config with ints `data, fsdp, tensor, context` (one may be -1) and, for
-    multi-slice pods, `dcn_data, dcn_fsdp` (slices along data / fsdp over the data-centre network)."""
+    multi-slice pods, `dcn_data, dcn_fsdp` (slices along data / fsdp over the data-centre network).
+    `devices` defaults to jax.devices(); pass a TPU topology's devices to compile ahead of time."""
     devices = list(jax.devices() if devices is None else devices)
-    dcn = {"data": int(mesh_cfg.get("dcn_data", 1)), "fsdp": int(mesh_cfg.get("dcn_fsdp", 1))}
-    num_slices = dcn["data"] * dcn["fsdp"]
-    ici = {a: mesh_cfg[a] for a in MESH_AXES}
+    dcn = {DATA: int(mesh_cfg.get("dcn_data", 1)), FSDP: int(mesh_cfg.get("dcn_fsdp", 1))}
+    num_slices = dcn[DATA] * dcn[FSDP]
+    ici = {a: mesh_cfg.get(a, 1) for a in MESH_AXES}
     if len(devices) % num_slices:
         raise ValueError(f"mesh: {len(devices)} devices do not split into dcn_data x dcn_fsdp = {num_slices} slices.")
     ici = _resolve_sizes(ici, len(devices) // num_slices, "mesh (per slice)")
@@ -111,12 +119,37 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
 
 
+def _present(mesh, axes) -> tuple[str, ...]:
+    """The axes (a name, a tuple or None) that the mesh has with more than one device."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
 def attention_axes(mesh) -> dict[str, Any]:
-    """Mesh axes of an attention input [batch, seq, heads, head_dim], for shard_map wrappers."""
+    """Mesh axes of an attention input [batch, seq, heads, head_dim], for shard_map wrappers:
+    batch_axes, head_axis, context_axis and ulysses_axis (None where the mesh has no such split)."""
     spec = logical_to_spec(("batch", "seq", "heads"))
-    present = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
-    return dict(batch_axes=present(spec[0]), head_axis=(present(spec[2]) or (None,))[0],
-                context_axis=(present(spec[1]) or (None,))[0])
+    heads = _present(mesh, spec[2])
+    return dict(batch_axes=_present(mesh, spec[0]), head_axis=heads[0] if heads else None,
+                context_axis=CONTEXT if mesh.shape.get(CONTEXT, 1) > 1 else None,
+                ulysses_axis=ULYSSES if mesh.shape.get(ULYSSES, 1) > 1 else None)
+
+
+def batch_ways(mesh) -> int:
+    """Devices the batch is split over."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
+def sequence_ways(mesh) -> int:
+    """Devices the sequence is split over (context parallelism)."""
+    return math.prod(mesh.shape.get(a, 1) for a in SEQUENCE_AXES)
+
+
+def zigzag_shards(mesh, context_strategy: str) -> int:
+    """Shards the zigzag load balance is computed for: the ring (or all-gather) size; 1 when
+    there is no ring (no context axis, or Ulysses alone: every device attends every position)."""
+    ring = mesh.shape.get(CONTEXT, 1)
+    return 1 if context_strategy == "ulysses" else ring
 
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:

@@ -18,12 +18,11 @@ the paper and its code) are
     stepwise:     the linear ramp rounded down to multiples of step_size (the code's `inc1024`)
 
 and w(t) = L from step T on. `multiple_of` then rounds any of them down to a multiple (for
-kernel tiles), never below w_s and never above L. The window becomes the mask's chunk size
-(block-wise, as in the paper) or, by option, a sliding window: see DESIGN.md, "The mask algebra".
+kernel tiles), never below w_s and never above L.
 
-The step may be a traced int32 inside jit; the window then comes back as a traced int32
-scalar, so a new window never recompiles the train step. A Python int step gives a Python int,
-computed by the same compiled function, so logs show exactly what the step used.
+The window is computed on the host in plain Python, once per step, and enters the compiled
+train step as a traced int32 scalar, so a new window never recompiles; once the window covers
+the whole row, the step runs without a window term (see `make_window_schedule`).
 
 The learning-rate schedules are optax's own builders: warmup + cosine, warmup-stable-decay
 (WSD, Hägele et al. 2024, with a linear or 1-sqrt cooldown) and warmup + constant.
@@ -31,63 +30,28 @@ The learning-rate schedules are optax's own builders: warmup + cosine, warmup-st
 from __future__ import annotations
 
 import fractions
-import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from ml_collections import config_dict
+
+from ctxjax.model.config import WINDOW_MASKS
 
 WINDOW_KINDS = ("linear", "sinusoidal", "exponential", "cosine", "logarithmic", "stepwise")
-WINDOW_MASKS = ("chunk", "sliding")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 
-_MAX_FINAL = 1 << 22        # keeps the float32 guess in _floor_mul_div within one of the truth
-_MAX_CLIMB = 1 << 30        # keeps the exact remainder in _floor_mul_div within 32 bits
+_MAX_FINAL = 1 << 22
+_MAX_CLIMB = 1 << 30
 _MAX_ALPHA_DENOMINATOR = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------
 # SkyLadder window schedules
 # ----------------------------------------------------------------------------------------
-
-def default_skyladder_config() -> ml_collections.ConfigDict:
-    """The `config.skyladder` section: every knob of the context-window schedule."""
-    c = ml_collections.ConfigDict()
-    # Schedule the attention window (SkyLadder). False = no window term: full causal attention
-    # (intersected with documents when document masking is on), unless constant_window is set.
-    c.enabled = False
-    # First window w_s in tokens (the paper uses 32).
-    c.start = 32
-    # Climbing rate: the window grows by alpha tokens per step (the paper's default is 1/8,
-    # one token every 8 steps). Ignored when climb_fraction is set.
-    c.alpha = 1 / 8
-    # Shape of the climb: 'linear' (the paper's default), 'sinusoidal', 'exponential',
-    # 'cosine', 'logarithmic' or 'stepwise'.
-    c.kind = "linear"
-    # Alternative to alpha: the fraction of training spent climbing, in (0, 1]; the window
-    # reaches the full sequence length at step round(climb_fraction * total_steps).
-    c.climb_fraction = config_dict.placeholder(float)
-    # Round the window down to a multiple of this many tokens (e.g. the attention kernel's
-    # block size, so chunks align with tiles); never below start or above seq_len. None = off.
-    c.multiple_of = config_dict.placeholder(int)
-    # kind='stepwise' only: the window jumps in steps of this many tokens (the paper's code
-    # uses 1024 at 8K). None = seq_len // 8.
-    c.step_size = config_dict.placeholder(int)
-    # How the window masks attention: 'chunk' (block-wise, as in the paper: query i sees keys
-    # from the start of its window-sized chunk) or 'sliding' (the last `window` keys).
-    # Always intersected with documents when document masking is on.
-    c.mask = "chunk"
-    # A fixed window for every step: the constant-window baseline, used when enabled=False.
-    # None = off (no window term).
-    c.constant_window = config_dict.placeholder(int)
-    return c
-
 
 class _WindowPlan(NamedTuple):
     """A validated window schedule, all Python ints, so it can be a static jit argument."""
@@ -170,64 +134,30 @@ def _window_plan(*, final, start, alpha, kind, climb_fraction, total_steps, mult
                        multiple_of=int(multiple_of or 1))
 
 
-def _floor_mul_div(t: jax.Array, num: int, den: int) -> jax.Array:
-    """floor(t * num / den) for int32 t in [0, 2**30], exact although t * num overflows 32 bits."""
-    guess = jnp.floor(t.astype(jnp.float32) * np.float32(num / den)).astype(jnp.int32)
-    # The float32 guess is off by at most one, so the exact remainder t*num - guess*den lies
-    # in [-den, 2*den) and survives being computed modulo 2**32 (uint32 arithmetic wraps).
-    num32, den32 = np.uint32(num % 2**32), np.uint32(den % 2**32)
-    rem = t.astype(jnp.uint32) * num32 - guess.astype(jnp.uint32) * den32
-    rem = jax.lax.bitcast_convert_type(rem, jnp.int32)
-    return guess - (rem < 0).astype(jnp.int32) + (rem >= den).astype(jnp.int32)
-
-
-def _round_down(w: jax.Array, multiple: int, start: int, final: int) -> jax.Array:
-    """w rounded down to a multiple, never below start; `final` itself is kept."""
-    return jnp.where(w >= final, final, jnp.maximum(start, w // multiple * multiple))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _window(step, plan: _WindowPlan) -> jax.Array:
-    step = jnp.asarray(step)
-    if step.ndim != 0 or not jnp.issubdtype(step.dtype, jnp.integer):
-        raise TypeError(f"SkyLadder: step must be an integer scalar, got "
-                        f"{step.dtype}{list(step.shape)}.")
+def _window(step: int, plan: _WindowPlan) -> int:
+    """The window at integer `step`: exact integers for the linear climb, float64 otherwise."""
     start, final, climb = plan.start, plan.final, plan.climb_steps
-    if climb == 0:
-        return jnp.full((), final, jnp.int32)
-    t = jnp.clip(step, 0, climb).astype(jnp.int32)   # past the climb only t >= climb matters
-    span = final - start
-    u = t.astype(jnp.float32) / climb
+    if climb == 0 or step >= climb:
+        return final
+    t, span = step, final - start
+    u = t / climb
     if plan.kind in ("linear", "stepwise"):
-        w = start + _floor_mul_div(t, plan.rate_num, plan.rate_den)
+        w = start + t * plan.rate_num // plan.rate_den
     elif plan.kind == "sinusoidal":
-        w = start + jnp.floor(span * jnp.sin(np.pi / 2 * u))
+        w = start + math.floor(span * math.sin(math.pi / 2 * u))
     elif plan.kind == "cosine":
-        w = start + jnp.floor(span * (1 - jnp.cos(np.pi * u)) / 2)
+        w = start + math.floor(span * (1 - math.cos(math.pi * u)) / 2)
     elif plan.kind == "exponential":
-        w = jnp.floor(start * jnp.power(final / start, u))
+        w = math.floor(start * (final / start) ** u)
     else:  # logarithmic
-        log_u = jnp.log1p(t.astype(jnp.float32)) / math.log1p(climb)
-        w = jnp.floor(start * jnp.power(final / start, log_u))
-    # Before step T every shape is below `final` in exact arithmetic; float32 can round the
-    # flat top of sinusoidal/cosine up to it a few steps early, so clip to final - 1.
-    w = jnp.clip(w.astype(jnp.int32), start, final - 1)
-    if plan.step_size:
-        w = _round_down(w, plan.step_size, start, final)
-    if plan.multiple_of > 1:
-        w = _round_down(w, plan.multiple_of, start, final)
-    return jnp.where(t >= climb, final, w).astype(jnp.int32)
-
-
-def _evaluate(step, plan: _WindowPlan):
-    if _is_int(step):   # a host-side step: same function, Python int out
-        if not 0 <= step < 2**31:
-            raise ValueError(f"SkyLadder: step={step} must be in [0, 2**31).")
-        # On the host's CPU: reading a value back from an accelerator would wait for the train
-        # step queued before it, every step.
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            return int(_window(np.int32(step), plan))
-    return _window(step, plan)
+        w = math.floor(start * (final / start) ** (math.log1p(t) / math.log1p(climb)))
+    # Before step T every shape is below `final` in exact arithmetic; rounding can reach it
+    # a step early on the flat top of sinusoidal/cosine, so clip to final - 1.
+    w = min(max(int(w), start), final - 1)
+    for multiple in (plan.step_size, plan.multiple_of):
+        if multiple > 1:
+            w = max(start, w - w % multiple)
+    return w
 
 
 def skyladder_window(step, *, final: int, start: int = 32, alpha: float = 1 / 8,
@@ -237,8 +167,7 @@ def skyladder_window(step, *, final: int, start: int = 32, alpha: float = 1 / 8,
     """The SkyLadder attention window at `step` (see the module docstring for the formulas).
 
     Args:
-      step: the training step: a Python int (gives a Python int) or an integer scalar array,
-        traced or not (gives an int32 scalar array).
+      step: the training step, an int >= 0.
       final: the full window L, normally the training sequence length.
       start: the first window w_s (the paper uses 32).
       alpha: tokens added per step: the linear schedule is min(L, w_s + floor(alpha * t));
@@ -253,11 +182,20 @@ def skyladder_window(step, *, final: int, start: int = 32, alpha: float = 1 / 8,
     plan = _window_plan(final=final, start=start, alpha=alpha, kind=kind,
                         climb_fraction=climb_fraction, total_steps=total_steps,
                         multiple_of=multiple_of, step_size=step_size)
-    return _evaluate(step, plan)
+    return _window(_check_step(step), plan)
 
 
-def _section(cfg, defaults: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
-    """A config section as a dict, defaults filled in; an unknown key is an error."""
+def _check_step(step) -> int:
+    if not _is_int(step) or not 0 <= step < 2**31:
+        raise ValueError(f"SkyLadder: step={step!r} must be an integer in [0, 2**31).")
+    return int(step)
+
+
+def _section(cfg, name: str) -> dict[str, Any]:
+    """A config section as a dict, the defaults of ctxjax/config.py filled in; an unknown key
+    is an error."""
+    from ctxjax.config import get_config
+    defaults = get_config()[name]
     given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
     unknown = sorted(set(given) - set(defaults.keys()))
     if unknown:
@@ -266,16 +204,16 @@ def _section(cfg, defaults: ml_collections.ConfigDict, name: str) -> dict[str, A
     return {**defaults.to_dict(), **given}
 
 
-def make_window_schedule(sky_cfg, *, seq_len: int, total_steps: int) -> Callable[[Any], Any] | None:
-    """Builds `window = schedule(step)` from the `config.skyladder` section.
+def make_window_schedule(sky_cfg, *, seq_len: int, total_steps: int) -> Callable[[int, int], int | None]:
+    """`window_at(step, row_len)` from the `config.skyladder` section: the attention window of
+    the global layers at `step` for rows of `row_len` tokens, or None when no window applies
+    (SkyLadder off and no constant_window, or a window that covers the whole row), so the
+    layers then run without a window term. Plain Python ints, computed on the host.
 
-    Returns None when there is no window term (enabled=False and no constant_window). The
-    schedule maps a traced step to a traced int32 window (and a Python int to a Python int).
-    How the window masks attention is `sky_cfg.mask` ('chunk' or 'sliding'; see
-    `window_mask_fields`). The knobs in use are checked here, so a bad config fails before
-    training; the schedule's knobs are not checked while enabled=False.
+    The knobs in use are checked here (ctxjax/config.py calls this before a run writes
+    anything); the schedule's knobs are not checked while enabled=False.
     """
-    c = _section(sky_cfg, default_skyladder_config(), "skyladder")
+    c = _section(sky_cfg, "skyladder")
     names = {k: f"skyladder.{k}" for k in c}
     names.update(final="seq_len", total_steps="total_steps")
     if c["mask"] not in WINDOW_MASKS:
@@ -292,62 +230,24 @@ def make_window_schedule(sky_cfg, *, seq_len: int, total_steps: int) -> Callable
         plan = _window_plan(final=seq_len, start=c["start"], alpha=c["alpha"], kind=c["kind"],
                             climb_fraction=c["climb_fraction"], total_steps=total_steps,
                             multiple_of=c["multiple_of"], step_size=c["step_size"], names=names)
-        return lambda step: _evaluate(step, plan)
-    if constant is None:
-        return None
-    if not _is_int(constant) or not 1 <= constant <= seq_len:
+    elif constant is None:
+        return lambda step, row_len: None
+    elif not _is_int(constant) or not 1 <= constant <= seq_len:
         raise ValueError(f"SkyLadder: skyladder.constant_window={constant!r} must be an integer in "
                          f"[1, seq_len={seq_len}] (or None for no window term).")
-    fixed = _WindowPlan("linear", int(constant), int(constant), 0, 0, 1, 0, 1)
-    return lambda step: _evaluate(step, fixed)
+    else:
+        plan = _WindowPlan("linear", int(constant), int(constant), 0, 0, 1, 0, 1)
 
+    def window_at(step: int, row_len: int) -> int | None:
+        window = _window(_check_step(step), plan)
+        return window if window < row_len else None
 
-def window_mask_fields(mask: str, window) -> dict[str, Any]:
-    """The MaskSpec fields for a window: {'chunk': window} or {'window': window}; {} for None."""
-    if window is None:
-        return {}
-    if mask not in WINDOW_MASKS:
-        raise ValueError(f"SkyLadder: mask={mask!r} is not a window mask; use 'chunk' or 'sliding'.")
-    return {"chunk" if mask == "chunk" else "window": window}
+    return window_at
 
 
 # ----------------------------------------------------------------------------------------
 # Learning-rate schedules
 # ----------------------------------------------------------------------------------------
-
-def default_optim_config() -> ml_collections.ConfigDict:
-    """The `config.optim` section: AdamW, its learning-rate schedule, clipping, accumulation."""
-    c = ml_collections.ConfigDict()
-    # Peak learning rate, reached at the end of warmup.
-    c.lr = 3e-4
-    # Linear warmup from 0 to lr over this many optimizer steps (0 = none; must be < total).
-    c.warmup_steps = 100
-    # 'cosine': warmup, then cosine decay to min_lr_ratio * lr at the last step.
-    # 'wsd': warmup-stable-decay: hold lr, then decay over the last decay_fraction of training.
-    # 'constant': warmup, then hold lr.
-    c.schedule = "cosine"
-    # 'wsd' only: the fraction of all steps spent decaying at the end, in (0, 1].
-    c.decay_fraction = 0.2
-    # 'wsd' only: the decay's shape, 'linear' or '1-sqrt' (lr * (1 - sqrt(progress)),
-    # Hägele et al. 2024).
-    c.decay_shape = "1-sqrt"
-    # The final learning rate as a fraction of lr ('cosine' and 'wsd'), in [0, 1].
-    c.min_lr_ratio = 0.1
-    # AdamW moment decay rates and epsilon.
-    c.b1 = 0.9
-    c.b2 = 0.95
-    c.eps = 1e-8
-    # Decoupled weight decay (AdamW), multiplied by the learning rate as in optax.adamw.
-    c.weight_decay = 0.1
-    # Clip the global gradient norm to this value; 0 = no clipping.
-    c.grad_clip_norm = 1.0
-    # Micro-batches accumulated per optimizer step (the schedules count optimizer steps).
-    c.grad_accum_steps = 1
-    # Coefficient of the z-loss, z_loss * logsumexp(logits)**2 per token (PaLM uses 1e-4);
-    # 0 = off.
-    c.z_loss = 0.0
-    return c
-
 
 def _check_optim(c: dict[str, Any], total_steps) -> None:
     def require(key, ok, fix):
@@ -398,7 +298,7 @@ def make_lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
               linear or 1-sqrt decay to min_lr_ratio * lr at total_steps.
     constant: warmup, then lr.
     """
-    c = _section(optim_cfg, default_optim_config(), "optim")
+    c = _section(optim_cfg, "optim")
     _check_optim(c, total_steps)
     lr, warmup = float(c["lr"]), int(c["warmup_steps"])
     lr_min = c["min_lr_ratio"] * lr

@@ -1,14 +1,14 @@
 """The main job: python -m ctxjax.train --config=configs/tiny_cpu.py --workdir=/tmp/run [--config.a.b=v]
 
-Reads top to bottom: config -> mesh -> model and optimizer (sharded) -> data -> resume ->
-loop (SkyLadder window, step, log, checkpoint, evaluate) -> final save, plot.
+Reads top to bottom: config (every check before anything is written) -> mesh -> plan (attention
+backend, context parallelism, remat: ctxjax/parallel.py) -> model and optimizer state, sharded ->
+data -> resume -> compile -> loop (SkyLadder window, step, log, evaluate, checkpoint) -> final
+save, evaluation, plot.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import tempfile
 import time
 
 import jax
@@ -22,12 +22,12 @@ from ml_collections import config_flags
 
 from ctxjax import checkpoint as ckpt_lib
 from ctxjax import mesh as mesh_lib
-from ctxjax.config import check_mesh_fits, validate_config
+from ctxjax import metrics as metrics_lib
+from ctxjax import parallel
+from ctxjax.config import check_mesh_fits, translate_legacy, validate_config
 from ctxjax.data import check_vocab, make_eval_batches, make_tokenizer, make_train_iterator
-from ctxjax.attention.context_parallel import zigzag
-from ctxjax.model import (
-    Llama, head_dim_of, init_params, lm_loss, logical_axes, matmul_flops_per_token, next_token_targets)
-from ctxjax.model.llama import layer_windows
+from ctxjax.model import ModelConfig, init_params, lm_loss, logical_axes, next_token_targets
+from ctxjax.model.llama import abstract_model
 from ctxjax.schedules import make_lr_schedule, make_window_schedule
 
 
@@ -44,23 +44,29 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     return optax.chain(*parts), lr
 
 
-def state_shardings(model_cfg, tx, mesh):
-    """Shardings of params and optimizer state from the model's logical axes."""
-    abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, nnx.Rngs(0)))
-    axes = nnx.to_pure_dict(logical_axes(abstract_model))
-    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-    mesh_lib.check_divisible(abstract_params, axes, mesh)
+def abstract_state(model_cfg: ModelConfig, plan: parallel.Plan, tx, mesh):
+    """(graphdef, params, opt_state) as ShapeDtypeStructs carrying their shardings: the whole
+    training state without memory or compute (enough to compile the step ahead of time)."""
+    model = abstract_model(model_cfg, attention=plan.attention, remat_policy=plan.remat_policy())
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    axes = nnx.to_pure_dict(logical_axes(model))
+    mesh_lib.check_divisible(params, axes, mesh)
     param_sh = mesh_lib.tree_shardings(mesh, axes)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_sh,
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
                                    transform_non_params=lambda _: replicated)
-    return param_sh, opt_sh
+    with_sharding = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    return graphdef, with_sharding(params, param_sh), with_sharding(opt_shapes, opt_sh)
 
 
-def init_state(model_cfg, tx, seed, param_sh, opt_sh):
-    """(graphdef, params, opt_state), created directly in their shards (never whole on one device)."""
-    graphdef, params = init_params(model_cfg, seed, param_sh)
-    return graphdef, params, jax.jit(tx.init, out_shardings=opt_sh)(params)
+def init_state(model_cfg: ModelConfig, plan: parallel.Plan, tx, seed: int, params_abstract, opt_abstract):
+    """(params, opt_state), created directly in their shards (never whole on one device)."""
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    _, params = init_params(model_cfg, seed, shardings(params_abstract), attention=plan.attention,
+                            remat_policy=plan.remat_policy())
+    return params, jax.jit(tx.init, out_shardings=shardings(opt_abstract))(params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,15 +74,15 @@ def init_state(model_cfg, tx, seed, param_sh, opt_sh):
 # --------------------------------------------------------------------------------------------
 def make_train_step(graphdef, tx, lr_schedule, config):
     """(params, opt_state, batch, step, window) -> (params, opt_state, metrics). `window` is a
-    traced int32 scalar (or None when no window schedule), so a new window never recompiles."""
+    traced int32 scalar, or None when no window applies (a separate compilation), so a new
+    window never recompiles."""
     accum = config.optim.grad_accum_steps
-    vocab_chunk, z_loss = config.train.vocab_chunk, config.optim.z_loss
+    vocab_chunk, z_loss, window_mask = config.train.vocab_chunk, config.optim.z_loss, config.skyladder.mask
 
     def micro_loss(params, micro, window, total_tokens):
         model = nnx.merge(graphdef, params)
         hidden = model.hidden_states(micro["tokens"], micro["segment_ids"], micro["token_index"],
-                                     micro["rope_positions"], window,
-                                     window_mask=config.skyladder.mask)
+                                     micro["rope_positions"], window, window_mask=window_mask)
         loss, metrics = lm_loss(hidden, model.head_weight(), micro["targets"], micro["loss_weights"],
                                 vocab_chunk=vocab_chunk, z_loss=z_loss)
         # weight each micro-batch by its share of the step's target tokens: exact accumulation
@@ -106,25 +112,15 @@ def make_train_step(graphdef, tx, lr_schedule, config):
     return train_step
 
 
-def prepare_batch(batch: dict, mesh) -> dict:
-    """Host side, once per step: next-token targets, then (with a context axis) the zigzag
-    reordering of every field, so causal work is balanced over the context shards. The mask
-    uses the reordered token_index, so attention needs no special casing."""
-    targets, weights = next_token_targets(np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"]))
-    batch = dict(batch, targets=targets.astype(np.int32), loss_weights=weights)
-    shards = mesh.shape["context"]
-    if shards > 1:
-        batch = {k: zigzag(np.asarray(v), 1, shards) for k, v in batch.items()}
-    return batch
-
-
-def jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh):
+def jit_train_step(graphdef, tx, lr_schedule, config, mesh, params_abstract, opt_abstract):
     """The train step under jit with explicit shardings; params and optimizer state donated."""
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(make_train_step(graphdef, tx, lr_schedule, config),
-                   in_shardings=(param_sh, opt_sh, batch_sh, replicated, replicated),
-                   out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+                   in_shardings=(shardings(params_abstract), shardings(opt_abstract), mesh_lib.batch_sharding(mesh),
+                                 replicated, replicated),
+                   out_shardings=(shardings(params_abstract), shardings(opt_abstract), replicated),
+                   donate_argnums=(0, 1))
 
 
 def make_eval_step(graphdef, config):
@@ -138,235 +134,188 @@ def make_eval_step(graphdef, config):
     return eval_step
 
 
-# --------------------------------------------------------------------------------------------
-# FLOPs of the actual mask (for MFU)
-# --------------------------------------------------------------------------------------------
-def attended_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0, documents=True) -> float:
-    """Allowed (query, key) pairs of a causal mask over packed rows, counted on the host in
-    O(B*L) with NumPy: each query sees the keys from the latest of (document start, window
-    start, chunk start) up to itself, plus the sinks before that. Needs the rows in natural
-    order with contiguous documents (as packing produces; i.e. before zigzag)."""
-    q = np.asarray(token_index, np.int64)
-    segment_ids = np.asarray(segment_ids)
-    start = np.zeros_like(q)
-    if documents:
-        new_doc = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
-                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-        start = np.maximum.accumulate(np.where(new_doc, q, 0), axis=1)
-    if window is not None:
-        start = np.maximum(start, q - window + 1)
-    if chunk is not None:
-        start = np.maximum(start, (q // chunk) * chunk)
-    body = q - start + 1
-    if documents:
-        body = np.where(segment_ids != 0, body, 0)
-    # sink keys before `start` (all precede the query) or, for a query with no body, up to itself
-    extra_sinks = np.where(body > 0, np.minimum(sinks, start), np.minimum(sinks, q + 1))
-    return float((body + extra_sinks).sum())
+def with_targets(batch: dict) -> dict:
+    """Host side, before any reordering: next-token targets and loss weights of packed rows."""
+    targets, weights = next_token_targets(np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"]))
+    return dict(batch, targets=targets.astype(np.int32), loss_weights=weights)
 
 
-def step_flops(batch, window: int | None, config) -> float:
-    """Training FLOPs of one step on this host's rows: dense matmuls (6 x params x tokens) plus
-    attention's two matmuls over the allowed area of each layer's actual mask, x3 for forward +
-    backward. Host-side, off the device's critical path."""
-    cfg, sky = config.model, config.skyladder.mask
-    flops = matmul_flops_per_token(cfg) * batch["tokens"].size
-    per_pair = 3 * 4 * cfg.n_heads * head_dim_of(cfg)
-    for local in layer_windows(cfg):
-        w = local if local is not None else (window if sky == "sliding" else None)
-        c = window if (local is None and sky == "chunk") else None
-        flops += per_pair * attended_pairs(batch["token_index"], batch["segment_ids"], window=w, chunk=c,
-                                           sinks=cfg.sinks, documents=cfg.document_mask)
-    return flops
+def batch_shapes(config, seq_len: int, rows: int, mesh) -> dict:
+    """ShapeDtypeStructs of a prepared batch (for compiling ahead of time)."""
+    sharding = mesh_lib.batch_sharding(mesh)
+    dtypes = dict(tokens=jnp.int32, segment_ids=jnp.int32, token_index=jnp.int32, rope_positions=jnp.int32,
+                  targets=jnp.int32, loss_weights=jnp.float32)
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), d, sharding=sharding) for k, d in dtypes.items()}
 
 
-_PEAK_BF16_TFLOPS = {"h100": 989, "h200": 989, "h800": 989, "gh200": 989, "a100": 312, "l4": 121,
-                     "v6": 918, "v5p": 459, "v5 lite": 197, "v5e": 197, "v4": 275}
+class CompiledStep:
+    """The jitted train step, compiled ahead of its first call for each batch shape (and with or
+    without a window term), so the run says that it is compiling and how much memory the step
+    needs, instead of pausing silently."""
 
+    def __init__(self, jitted):
+        self.jitted, self.executables = jitted, {}
 
-def peak_flops_per_device(config) -> float:
-    if config.train.peak_tflops > 0:
-        return config.train.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tflops in _PEAK_BF16_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
-    return 100e9 * max(1, (os.cpu_count() or 1) // jax.local_device_count())  # nominal CPU figure
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs people look at
-# --------------------------------------------------------------------------------------------
-class MetricsWriter:
-    """metrics.jsonl + TensorBoard, process 0 only."""
-
-    def __init__(self, workdir):
-        self.active = jax.process_index() == 0
-        if self.active:
-            from tensorboardX import SummaryWriter
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.active:
-            return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
-        for k, v in row.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def close(self):
-        if self.active:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def plot_metrics(workdir: str) -> str | None:
-    """loss (and eval loss) and the attention window against step, as workdir/metrics.png."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(path)]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
-    handles = ax.get_lines()
-    windowed = [r for r in train if "window" in r]
-    if windowed:
-        ax2 = ax.twinx()
-        handles += ax2.plot([r["step"] for r in windowed], [r["window"] for r in windowed], color="tab:red",
-                            alpha=0.6, label="attention window")
-        ax2.set_ylabel("attention window (tokens)")
-    ax.legend(handles=handles, loc="center right")  # one legend for both axes
-    fig.tight_layout()
-    out = os.path.join(workdir, "metrics.png")
-    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
-
-
-class Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. called from a notebook worker)
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True
+    def __call__(self, params, opt_state, batch, step, window):
+        key = (batch["tokens"].shape, window is None)
+        if key not in self.executables:
+            rows, length = key[0]
+            if jax.process_index() == 0:
+                print(f"compiling the train step for {rows} rows x {length} tokens"
+                      f"{'' if window is None else ' with a window'}...", flush=True)
+            start = time.perf_counter()
+            self.executables[key] = self.jitted.lower(params, opt_state, batch, step, window).compile()
+            if jax.process_index() == 0:
+                print(f"compiled in {time.perf_counter() - start:.1f} s; memory "
+                      f"{metrics_lib.describe_memory(self.executables[key].memory_analysis())}", flush=True)
+        return self.executables[key](params, opt_state, batch, step, window)
 
 
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
+class Stop:
+    """SIGTERM (preemption) and a first Ctrl-C ask the loop to save and exit at the next step
+    boundary; a second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.requested, self.reason = False, ""
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread (e.g. called from a notebook worker)
+            pass
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to quit now)",
+                  flush=True)
+
+    def restore(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+            except ValueError:
+                pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Train (or resume) the run in `workdir`; returns the last logged metrics. `stop_after`
-    ends this invocation early at that step, with a checkpoint, as a preemption would (a job
-    split into time-limited segments resumes from there)."""
-    config = validate_config(config)
+    """Train (or resume) the run in `workdir`; returns the last logged metrics (with
+    'stopped': True when it stopped early). `stop_after` ends this invocation at that step,
+    with a checkpoint, as a preemption would (a job split into time-limited segments)."""
+    # ---- everything that can be wrong with the inputs, before anything is written
+    config = validate_config(translate_legacy(config))
     if config.train.distributed:
         initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_lib.write_config(workdir, config)
     mesh = mesh_lib.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
-    total_steps = config.train.steps
     tokenizer = make_tokenizer(config.data)
     check_vocab(tokenizer, config.model.vocab_size)
+    plan = parallel.make_plan(config, mesh)
+    resume_step = ckpt_lib.latest_step(workdir)
+    if resume_step is not None:
+        config = ckpt_lib.check_resume(workdir, config, resume_step)
+        if resume_step >= config.train.steps:
+            print(f"{workdir} is complete: it trained {resume_step} of train.steps={config.train.steps} steps. "
+                  f"To train further, rerun with a larger --config.train.steps (the learning-rate schedule "
+                  f"then stretches to the new length).", flush=True)
+            return ckpt_lib.last_metrics(workdir)
 
+    # ---- the run's state
+    model_cfg, total_steps = ModelConfig.from_config(config.model), config.train.steps
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.record_config(workdir, config, resume_step)
     tx, lr_schedule = make_optimizer(config.optim, total_steps)
-    window_schedule = make_window_schedule(config.skyladder, seq_len=config.train.seq_len, total_steps=total_steps)
+    window_at = make_window_schedule(config.skyladder, seq_len=config.train.seq_len, total_steps=total_steps)
     data = make_train_iterator(config.data, seq_len=config.train.seq_len,
                                global_batch_size=config.train.global_batch_size, seed=config.train.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
+    if jax.process_index() == 0:
+        print("\n".join(metrics_lib.run_summary(config, model_cfg, mesh, plan)), flush=True)
 
     with mesh_lib.use_mesh(mesh):
-        param_sh, opt_sh = state_shardings(config.model, tx, mesh)
-        graphdef, params, opt_state = init_state(config.model, tx, config.train.seed, param_sh, opt_sh)
+        graphdef, params_abstract, opt_abstract = abstract_state(model_cfg, plan, tx, mesh)
         step = 0
-        if checkpointer.latest_step() is not None:  # resume this run where it stopped
-            abstract = lambda tree, sh: jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-            params, opt_state, step = checkpointer.restore(
-                checkpointer.latest_step(), abstract(params, param_sh), abstract(opt_state, opt_sh), data)
+        if resume_step is not None:  # resume this run where it stopped
+            params, opt_state, step = checkpointer.restore(resume_step, params_abstract, opt_abstract, data)
             print(f"resumed {workdir} at step {step}", flush=True)
-        elif config.checkpoint.init_from:  # start from another run's (or an imported model's) params
-            _, target = ckpt_lib.abstract_params(config.model, param_sh)
-            params, from_step = ckpt_lib.restore_params(config.checkpoint.init_from, target,
-                                                        config.checkpoint.init_step)
-            print(f"initialised params from {config.checkpoint.init_from} (step {from_step})", flush=True)
+        else:
+            params, opt_state = init_state(model_cfg, plan, tx, config.train.seed, params_abstract, opt_abstract)
+            if config.checkpoint.init_from:  # another run's (or an imported model's) params
+                params, from_step = ckpt_lib.restore_params(config.checkpoint.init_from, params_abstract,
+                                                            config.checkpoint.init_step)
+                print(f"initialised params from {config.checkpoint.init_from} (step {from_step})", flush=True)
 
-        train_step = jit_train_step(graphdef, tx, lr_schedule, config, mesh, param_sh, opt_sh)
-        evaluate = make_evaluator(graphdef, config, mesh)
-
-        writer = MetricsWriter(workdir)
-        preemption = Preemption()
-        peak = peak_flops_per_device(config) * jax.local_device_count()  # FLOPs are counted per host
+        train_step = CompiledStep(jit_train_step(graphdef, tx, lr_schedule, config, mesh, params_abstract,
+                                                 opt_abstract))
+        evaluate = make_evaluator(graphdef, config, mesh, plan)
+        writer = metrics_lib.MetricsWriter(workdir, wandb_project=config.train.wandb_project, config=config)
+        stop = Stop()
+        profiler = metrics_lib.Profiler(workdir, config.train.profile_steps)
+        peak = metrics_lib.peak_flops_per_device(jax.local_devices()[0], config.train.peak_tflops)
+        peak *= jax.local_device_count()  # FLOPs are counted on this host's rows
         progress = make_progress(step, total_steps)
         last, interval, t0 = {}, [], time.perf_counter()  # interval: this log period's steps
-        while step < total_steps:
-            host_batch = next(data)
-            batch = mesh_lib.shard_batch(prepare_batch(host_batch, mesh), mesh)
-            seq_len = batch["tokens"].shape[1]
-            window = None if window_schedule is None else min(int(window_schedule(step)), seq_len)
-            params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step),
-                                                    None if window is None else jnp.int32(window))
-            interval.append((metrics, step_flops(host_batch, window, config), batch["tokens"].size))
-            step += 1
-            if step % config.train.log_every == 0 or step == total_steps:
-                steps = jax.device_get(interval)  # the only host sync of the loop
-                elapsed, t0, interval = time.perf_counter() - t0, time.perf_counter(), []
-                mean = lambda key: float(np.mean([m[key] for m, _, _ in steps]))
-                last = {"loss": mean("loss"), "lr": float(steps[-1][0]["lr"]), "grad_norm": mean("grad_norm"),
-                        "tokens_per_s": sum(n for _, _, n in steps) / elapsed,
-                        "mfu": sum(f for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
-                        "window": seq_len if window is None else window}
-                if config.optim.z_loss:
-                    last["z_loss"] = mean("z_loss")
-                writer.write(step, last)
-                progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                     window=last["window"], mfu=f"{last['mfu']:.3f}")
-            progress.update(1)
-            if config.eval.every and step % config.eval.every == 0 and step < total_steps:
-                writer.write(step, {"eval_loss": evaluate(params)})
-            if checkpointer.should_save(step) and step < total_steps:
-                checkpointer.save(step, params, opt_state, data, config)
-            if preemption.requested or checkpointer.reached_preemption(step) or step == stop_after:
-                print(f"\nstopping at step {step}: checkpoint saved, rerun to resume", flush=True)
-                checkpointer.save(step, params, opt_state, data, config)
-                checkpointer.close()
-                writer.close()
-                return last
-        progress.close()
-        checkpointer.save(step, params, opt_state, data, config)
-        last["eval_loss"] = evaluate(params)
-        writer.write(step, {"eval_loss": last["eval_loss"]})
-        checkpointer.close()
-        writer.close()
+        try:
+            while step < total_steps:
+                host_batch = next(data)
+                batch = parallel.shard_inputs(with_targets(host_batch), mesh, plan)
+                seq_len = batch["tokens"].shape[1]
+                window = window_at(step, seq_len)
+                profiler.before(step + 1)
+                params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step),
+                                                        None if window is None else jnp.int32(window))
+                interval.append((metrics, metrics_lib.step_flops(host_batch, window, model_cfg, config.skyladder.mask),
+                                 batch["tokens"].size))
+                step += 1
+                profiler.after(step, metrics)
+                if step % config.train.log_every == 0 or step == total_steps:
+                    steps = jax.device_get(interval)  # the only host sync of the loop
+                    elapsed, t0, interval = time.perf_counter() - t0, time.perf_counter(), []
+                    mean = lambda key: float(np.mean([m[key] for m, _, _ in steps]))
+                    last = {"loss": mean("loss"), "lr": float(steps[-1][0]["lr"]), "grad_norm": mean("grad_norm"),
+                            "tokens_per_s": sum(n for _, _, n in steps) / elapsed,
+                            "mfu": sum(f for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
+                            "window": seq_len if window is None else window}
+                    if config.optim.z_loss:
+                        last["z_loss"] = mean("z_loss")
+                    writer.write(step, last)
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                         window=last["window"], mfu=f"{last['mfu']:.3f}")
+                progress.update(1)
+                if config.eval.every and step % config.eval.every == 0 and step < total_steps:
+                    writer.write(step, {"eval_loss": evaluate(params)})
+                if checkpointer.should_save(step) and step < total_steps:
+                    checkpointer.save(step, params, opt_state, data, config)
+                if stop.requested or checkpointer.reached_preemption(step) or step == stop_after:
+                    progress.close()
+                    checkpointer.save(step, params, opt_state, data, config)
+                    checkpointer.close()
+                    why = stop.reason or ("stop_after" if step == stop_after else "preemption")
+                    print(f"stopped at step {step} of {total_steps} ({why}): checkpoint saved; rerun the same "
+                          f"command to resume", flush=True)
+                    return dict(last, stopped=True)
+            progress.close()
+            checkpointer.save(step, params, opt_state, data, config)
+            last["eval_loss"] = evaluate(params)
+            writer.write(step, {"eval_loss": last["eval_loss"]})
+            checkpointer.close()
+        finally:
+            profiler.close()
+            writer.close()
+            stop.restore()
     if config.train.plot:
-        plot_metrics(workdir)
+        metrics_lib.plot_metrics(workdir)
     return last
 
 
-def make_evaluator(graphdef, config, mesh):
+def make_evaluator(graphdef, config, mesh, plan):
     """Mean validation loss over held-out documents (same batches every time)."""
     seq_len = config.eval.seq_len or config.train.seq_len
     batches = None
@@ -377,13 +326,10 @@ def make_evaluator(graphdef, config, mesh):
         if batches is None:
             batches = make_eval_batches(config.data, seq_len=seq_len, batch_size=config.eval.batch_size,
                                         num_batches=config.eval.batches)
-            batches = [prepare_batch(b, mesh) for b in batches]
+            batches = [with_targets(b) for b in batches]
         total = count = 0.0
-        sharding = mesh_lib.batch_sharding(mesh)
         for batch in batches:  # every process holds the whole eval batch; each places its shards
-            batch = {k: jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
-                     for k, x in batch.items()}
-            loss_sum, n = eval_step(params, batch)
+            loss_sum, n = eval_step(params, parallel.shard_inputs(batch, mesh, plan, whole=True))
             total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
 
@@ -418,8 +364,12 @@ def main(argv):
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None or workdir is None:
         raise app.UsageError("both --config=configs/<experiment>.py and --workdir=DIR are required.")
-    final = train_and_evaluate(config, workdir)
-    print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    try:
+        final = train_and_evaluate(config, workdir)
+    except ckpt_lib.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if final and not final.get("stopped"):
+        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 
 
 if __name__ == "__main__":

@@ -190,3 +190,28 @@ def allowed_flops(mask: MaskSpec, batch: int, q_len: int, kv_len: int, num_heads
     3.5x that for forward+backward (five matmuls more in the backward)."""
     flops = 4.0 * head_dim * num_heads * allowed_pair_count(mask, batch, q_len, kv_len)
     return flops * (3.5 if backward else 1.0)
+
+
+def count_allowed_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0, documents=True) -> float:
+    """Allowed (query, key) pairs of a causal mask over packed rows, counted on the host in
+    O(B*L) with NumPy (for FLOP counts): each query sees the keys from the latest of (document
+    start, window start, chunk start) up to itself, plus the sinks before that. Needs rows in
+    natural order with contiguous documents (as packing produces; i.e. before zigzag)."""
+    import numpy as np
+    q = np.asarray(token_index, np.int64)
+    segment_ids = np.asarray(segment_ids)
+    start = np.zeros_like(q)
+    if documents:
+        new_doc = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        start = np.maximum.accumulate(np.where(new_doc, q, 0), axis=1)
+    if window is not None:
+        start = np.maximum(start, q - window + 1)
+    if chunk is not None:
+        start = np.maximum(start, (q // chunk) * chunk)
+    body = q - start + 1
+    if documents:
+        body = np.where(segment_ids != 0, body, 0)
+    # sink keys before `start` (all precede the query) or, for a query with no body, up to itself
+    extra_sinks = np.where(body > 0, np.minimum(sinks, start), np.minimum(sinks, q + 1))
+    return float((body + extra_sinks).sum())

@@ -1,10 +1,12 @@
-"""The attention op against a direct float64 NumPy implementation of the mask algebra."""
+"""The attention backends against a direct float64 NumPy implementation of the mask algebra,
+and the backends table's choices and refusals."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxjax.attention import MaskSpec, attention
+from ctxjax.attention.backends import BACKENDS, attend, resolve
+from pallas_kernels.mask import MaskSpec
 from pallas_kernels.mask import EMPTY, FULL, classify_tiles
 
 
@@ -95,9 +97,9 @@ def _check(implementation, q, k, v, spec, allowed, rng, atol):
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
     def loss(q, k, v):
-        return (attention(q, k, v, spec, implementation=implementation) * f32(g)).sum()
+        return (attend(q, k, v, spec, backend=implementation) * f32(g)).sum()
 
-    out = attention(f32(q), f32(k), f32(v), spec, implementation=implementation)
+    out = attend(f32(q), f32(k), f32(v), spec, backend=implementation)
     grads = jax.grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
     assert not np.isnan(np.asarray(out)).any()
     np.testing.assert_allclose(out, ref_out, atol=atol, rtol=atol)
@@ -125,8 +127,8 @@ def test_gqa_and_unequal_lengths_with_traced_terms(implementation):
 
     @jax.jit
     def run(q, k, v, spec):
-        loss = lambda q, k, v: (attention(q, k, v, spec, implementation=implementation) * g).sum()
-        return attention(q, k, v, spec, implementation=implementation), jax.grad(loss, (0, 1, 2))(q, k, v)
+        loss = lambda q, k, v: (attend(q, k, v, spec, backend=implementation) * g).sum()
+        return attend(q, k, v, spec, backend=implementation), jax.grad(loss, (0, 1, 2))(q, k, v)
 
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     out, grads = run(f32(q), f32(k), f32(v), spec)
@@ -136,7 +138,7 @@ def test_gqa_and_unequal_lengths_with_traced_terms(implementation):
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf_lse():
-    from ctxjax.attention import blockwise_attention
+    from pallas_kernels.blockwise import blockwise_attention
     from pallas_kernels.reference import attention_reference
     rng = np.random.default_rng()
     q, k, v, _, _ = random_problem(rng)
@@ -153,7 +155,7 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse():
 
 
 def test_blockwise_lse_matches_numpy():
-    from ctxjax.attention import blockwise_attention
+    from pallas_kernels.blockwise import blockwise_attention
     rng = np.random.default_rng()
     q, k, v, spec, allowed = _build(rng, "skyladder_docs_sinks")
     _, lse = blockwise_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), spec, block_k=16,
@@ -184,9 +186,9 @@ def test_tile_classification_is_sound_and_tight_for_contiguous_masks():
 def test_cudnn_rejects_masks_it_cannot_express():
     q = jnp.ones((1, 8, 2, 8))
     with pytest.raises(ValueError, match="chunked"):
-        attention(q, q, q, MaskSpec(chunk=4), implementation="cudnn")
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        attention(q, q, q, MaskSpec(), implementation="flash9000")
+        attend(q, q, q, MaskSpec(chunk=4), backend="cudnn")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
+        attend(q, q, q, MaskSpec(), backend="flash9000")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
@@ -195,7 +197,7 @@ def test_cudnn_window_matches_numpy():
     q, k, v, _, allowed = _build(rng, "window")
     spec = MaskSpec(window=7)
     to = lambda x: jnp.asarray(x, jnp.bfloat16)
-    out = attention(to(q), to(k), to(v), spec, implementation="cudnn")
+    out = attend(to(q), to(k), to(v), spec, backend="cudnn")
     ref, *_ = numpy_attention(q, k, v, allowed, np.zeros_like(q))
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=3e-2)
 
@@ -209,35 +211,44 @@ def test_dispatch_reaches_the_tpu_kernel_in_interpret_mode():
 
 
 def test_deterministic_flag_reaches_the_gpu_kernel(monkeypatch):
-    """`deterministic` (model.attention_deterministic) is passed to the Pallas GPU kernel's
-    backward, directly and through the context-parallel halves. A stand-in module records
-    the calls (the kernel itself needs a Hopper GPU; tests/test_gpu_kernel.py runs it)."""
+    """`deterministic` (parallel.deterministic) is passed to the Pallas GPU kernel and its
+    backward half (what context parallelism calls). A stand-in module records the calls (the
+    kernel itself needs a Hopper GPU; tests/test_gpu_kernel.py runs it)."""
     import types
 
-    from ctxjax.attention import ops
+    import pallas_kernels
     seen = []
     fake = types.SimpleNamespace(
         flash_attention=lambda q, k, v, mask, **kw: seen.append(("attention", kw)) or q,
         flash_attention_fwd=lambda *a, **kw: None,
         flash_attention_bwd=lambda *a, **kw: seen.append(("bwd", kw)))
-    monkeypatch.setattr(ops, "_pallas_gpu", lambda: fake)
+    monkeypatch.setattr(pallas_kernels, "gpu", fake, raising=False)
     q = jnp.ones((1, 8, 2, 8))
-    attention(q, q, q, MaskSpec(), implementation="pallas_gpu", deterministic=False)
-    attention(q, q, q, MaskSpec(), implementation="pallas_gpu")
-    ops.local_fwd_bwd("pallas_gpu", False)[1](q, q, q, MaskSpec(), q, None, q, scale=None)
+    for deterministic in (False, True):
+        functions = BACKENDS["pallas_gpu"].build("gpu", deterministic)
+        functions.attention(q, q, q, MaskSpec(), scale=None)
+    BACKENDS["pallas_gpu"].build("gpu", False).backward(q, q, q, MaskSpec(), q, None, q, scale=None)
     assert seen == [("attention", dict(scale=None, deterministic=False)),
                     ("attention", dict(scale=None, deterministic=True)),
                     ("bwd", dict(scale=None, deterministic=False))]
 
 
-def test_auto_uses_the_hopper_kernel_only_for_inputs_it_takes(monkeypatch):
-    from ctxjax.attention import ops
-    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(ops, "_is_hopper", lambda: True)
-    assert ops.resolve_implementation("auto", jnp.bfloat16, 128) == "pallas_gpu"
-    assert ops.resolve_implementation("auto", jnp.float16, 64) == "pallas_gpu"
-    assert ops.resolve_implementation("auto", jnp.float32, 64) == "xla_blockwise"   # a float32 model
-    assert ops.resolve_implementation("auto", jnp.bfloat16, 96) == "xla_blockwise"
-    assert ops.resolve_implementation("pallas_gpu", jnp.float32, 64) == "pallas_gpu"  # explicit: kept
-    monkeypatch.setattr(ops, "_is_hopper", lambda: False)
-    assert ops.resolve_implementation("auto", jnp.bfloat16, 128) == "xla_blockwise"
+def test_auto_uses_the_hopper_kernel_only_for_inputs_it_takes():
+    import types
+    hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+    ampere = types.SimpleNamespace(platform="gpu", compute_capability="8.0")
+    choose = lambda device, dtype, head_dim, name="auto", **kw: resolve(name, device=device, dtype=dtype,
+                                                                         head_dim=head_dim, **kw).name
+    assert choose(hopper, jnp.bfloat16, 128) == "pallas_gpu"
+    assert choose(hopper, jnp.float16, 64) == "pallas_gpu"
+    assert choose(hopper, jnp.float32, 64) == "xla_blockwise"   # a float32 model
+    assert choose(hopper, jnp.bfloat16, 96) == "xla_blockwise"
+    assert choose(ampere, jnp.bfloat16, 128) == "xla_blockwise"
+    assert choose(types.SimpleNamespace(platform="tpu"), jnp.bfloat16, 128) == "pallas_tpu"
+    # an explicit choice that cannot run is refused, naming why and what can (never swapped silently)
+    with pytest.raises(ValueError, match="takes bfloat16/float16 inputs, not float32.*'xla_blockwise'"):
+        choose(hopper, jnp.float32, 64, "pallas_gpu")
+    with pytest.raises(ValueError, match="no forward/backward halves for context parallelism"):
+        choose(hopper, jnp.bfloat16, 64, "cudnn", halves=True)
+    with pytest.raises(ValueError, match="cannot apply chunked windows"):
+        choose(types.SimpleNamespace(platform="tpu"), jnp.bfloat16, 128, "splash", terms={"documents", "chunk"})

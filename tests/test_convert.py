@@ -12,31 +12,30 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from configs import base  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ctxjax import checkpoint as ckpt_lib  # noqa: E402
 from ctxjax.convert import ConversionError, export_hf, import_hf  # noqa: E402
 from ctxjax.convert import hf as conv  # noqa: E402
 from ctxjax.data.tokenizer import ByteTokenizer, make_tokenizer  # noqa: E402
-from ctxjax.model.llama import layer_windows  # noqa: E402
+from ctxjax.config import get_config  # noqa: E402
+from ctxjax.model import ModelConfig  # noqa: E402
 
 T = 24  # tokens per row: longer than every original context length and window below
 HD = 16  # head_dim != d_model / n_heads = 8
 
 
 def tiny_config(**model) -> ml_collections.ConfigDict:
-    config = base.get_config()
+    config = get_config()
     config.model.update(dict(vocab_size=ByteTokenizer().vocab_size + 5, d_model=32, n_layers=2, n_heads=4,
-                             n_kv_heads=2, head_dim=HD, mlp_dim=48, max_position_embeddings=16, dtype="float32",
-                             remat="none"))
+                             n_kv_heads=2, head_dim=HD, mlp_dim=48, max_position_embeddings=16, dtype="float32"))
     config.model.update(model)
     return config
 
 
 def random_params(model_cfg, seed):
     """Every parameter random (norm scales around 1, biases nonzero), as float32 NumPy."""
-    _, abstract = ckpt_lib.abstract_params(model_cfg)
+    _, abstract = ckpt_lib.abstract_params(ModelConfig.from_config(model_cfg))
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(abstract)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
@@ -46,7 +45,7 @@ def random_params(model_cfg, seed):
 
 
 def ctxjax_logits(model_cfg, params, tokens):
-    graphdef, _ = ckpt_lib.abstract_params(model_cfg)
+    graphdef, _ = ckpt_lib.abstract_params(ModelConfig.from_config(model_cfg))
     return np.asarray(nnx.merge(graphdef, jax.tree.map(np.asarray, params))(tokens))
 
 
@@ -113,7 +112,7 @@ def test_export_matches_transformers_and_round_trips(name, tmp_path):
     back_params = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), back_params, params)
     m, b = config.model, back_config.model
-    assert layer_windows(b) == layer_windows(m)
+    assert ModelConfig.from_config(b).layer_windows() == ModelConfig.from_config(m).layer_windows()
     assert (b.tie_embeddings, b.qkv_bias, b.head_dim, b.n_kv_heads) == (m.tie_embeddings, m.qkv_bias, HD, m.n_kv_heads)
     if m.rope.rope_type != "ntk":  # exported as "default" with the NTK-scaled theta
         as_json = lambda rope: json.loads(json.dumps(rope))  # a workdir's config.json has lists as tuples

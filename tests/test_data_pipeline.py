@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from ctxjax.data import (BATCH_KEYS, build_corpus, curriculum_stages, default_data_config, make_eval_batches,
+from ctxjax.config import get_config
+from ctxjax.data import (BATCH_KEYS, build_corpus, curriculum_stages, make_eval_batches,
                          make_tokenizer, make_train_iterator, pose_positions)
 from ctxjax.data.sources import open_source
 
@@ -23,7 +24,7 @@ def _rng(*salt):
 
 
 def _cfg(path, **overrides):
-    cfg = default_data_config()
+    cfg = get_config().data
     cfg.sources = [dict(kind="jsonl", path=str(path), text_field="text", weight=1.0)]
     cfg.prefetch = 0
     cfg.validation_fraction = 0.0
@@ -135,7 +136,7 @@ def test_a_document_longer_than_all_others_together(tmp_path, long_documents):
     (tmp_path / "a_huge.txt").write_text("Z" * n_big)
     for i in range(15):
         (tmp_path / f"s{i:02d}.txt").write_text("".join(rng.choice(list("abc \n"), 100)))
-    cfg = default_data_config()
+    cfg = get_config().data
     cfg.update(dict(prefetch=0, validation_fraction=0.0, shuffle=False, packing_bins=4,
                     long_documents=long_documents))
     cfg.sources = [dict(kind="text", path=str(tmp_path))]
@@ -315,7 +316,7 @@ def test_pretokenized_arrayrecord_gives_the_same_batches_as_its_text(corpus, tmp
 
 
 def test_worker_process_gives_the_same_batches():
-    cfg = default_data_config()
+    cfg = get_config().data
     cfg.prefetch = 0
     seed = int(_rng(6).integers(1 << 30))
     in_process = _take(cfg, 3, seq_len=512, batch=2, seed=seed)
@@ -337,7 +338,7 @@ def test_configuration_errors(corpus, tmp_path):
         take(_cfg(path, sources=[dict(kind="jsonl", path=str(path), field="text")]))
     with pytest.raises(ValueError, match="sources is empty"):
         take(_cfg(path, sources=[]))
-    with pytest.raises(KeyError, match="no key 'packin'; did you mean 'packing'"):
+    with pytest.raises(KeyError, match="no key 'data.packin'; did you mean 'packing'"):
         cfg = _cfg(path)
         cfg.unlock()
         del cfg["packing"]

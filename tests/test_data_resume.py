@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from ctxjax.data import BATCH_KEYS, build_corpus, default_data_config, make_tokenizer, make_train_iterator
+from ctxjax.config import get_config
+from ctxjax.data import BATCH_KEYS, build_corpus, make_tokenizer, make_train_iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = np.random.SeedSequence().entropy
@@ -55,11 +56,11 @@ def test_restore_in_a_fresh_process_continues_exactly(tmp_path):
     # Documents that exactly fill rows of 20 tokens: concat packing then saves states with no
     # remainder, which Grain cannot restore from JSON without ctxjax's fix-up.
     (tmp_path / "exact.jsonl").write_text("\n".join(json.dumps({"text": f"{i:018d}"}) for i in range(300)))
-    build_corpus(iter(docs), make_tokenizer(default_data_config()), str(tmp_path / "records"),
+    build_corpus(iter(docs), make_tokenizer(get_config().data), str(tmp_path / "records"),
                  shard_mb=0.01, progress=False)
 
     def config(**overrides):
-        cfg = default_data_config()
+        cfg = get_config().data
         cfg.validation_fraction = 0.1
         cfg.update(overrides)
         return cfg
@@ -102,7 +103,7 @@ def test_restore_in_a_fresh_process_continues_exactly(tmp_path):
 
 
 def test_restoring_another_runs_state_fails_loudly():
-    cfg = default_data_config()
+    cfg = get_config().data
     cfg.prefetch = 0
     it = make_train_iterator(cfg, seq_len=256, global_batch_size=2, seed=0, process_index=0, process_count=1)
     next(it)

@@ -1,4 +1,5 @@
-"""Sharded forward+backward equals the 1-device result on every mesh shape."""
+"""Sharded forward+backward (attention as ctxjax.parallel plans it for the mesh) equals the
+1-device result on every mesh shape."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,15 +7,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctxjax import mesh as mesh_lib
-from ctxjax.model import Llama, default_model_config, init_params, lm_loss, logical_axes, next_token_targets
+from ctxjax import mesh as mesh_lib, parallel
+from ctxjax.config import get_config
+from ctxjax.model import ModelConfig, abstract_model, init_params, lm_loss, logical_axes, next_token_targets
 
 
-def tiny_model_config():
-    cfg = default_model_config()
-    cfg.update(dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=64,
-                    dtype="float32", layer_pattern=("local", "global"), local_window=12, sinks=1))
-    return cfg
+def tiny_config():
+    config = get_config()
+    config.model.update(dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=64,
+                             dtype="float32", layer_pattern=("local", "global"), local_window=12, sinks=1))
+    config.skyladder.enabled = True
+    return config
 
 
 def random_batch(rng, b=8, t=32):
@@ -36,23 +39,27 @@ def loss_and_grads(graphdef, params, batch, window):
 @pytest.fixture(scope="module")
 def single_device_result():
     """One model, batch and window; loss and gradients computed without a mesh."""
-    cfg = tiny_model_config()
+    cfg = ModelConfig.from_config(tiny_config().model)
     graphdef, params = init_params(cfg, seed=0)
     batch = random_batch(np.random.default_rng())
     window = jnp.int32(8)
     loss, grads = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch, window)
-    axes = nnx.to_pure_dict(logical_axes(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))))
-    return graphdef, params, axes, batch, window, loss, grads
+    axes = nnx.to_pure_dict(logical_axes(abstract_model(cfg)))
+    return cfg, params, axes, batch, window, loss, grads
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 1, 1, 4)])
 def test_sharded_loss_and_grads_equal_single_device(shape, single_device_result):
-    graphdef, params, axes, batch, window, want_loss, want_grads = single_device_result
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape))))
+    cfg, params, axes, batch, window, want_loss, want_grads = single_device_result
+    config = tiny_config()
+    config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    plan = parallel.make_plan(config, mesh)
+    graphdef = nnx.graphdef(abstract_model(cfg, attention=plan.attention))
     param_sh = mesh_lib.tree_shardings(mesh, axes)
     with mesh_lib.use_mesh(mesh):
         sharded_params = jax.device_put(params, param_sh)
-        sharded_batch = mesh_lib.shard_batch(batch, mesh)
+        sharded_batch = mesh_lib.shard_batch(batch, mesh)  # natural order: targets are computed inside
         loss, grads = jax.jit(loss_and_grads, static_argnums=0)(graphdef, sharded_params, sharded_batch, window)
     # the params really are distributed (the embedding's model dim over fsdp, heads over tensor)
     assert sharded_params["embed"].sharding.spec == mesh_lib.logical_to_spec(("vocab", "embed"))
@@ -68,4 +75,4 @@ def test_mesh_errors_name_the_sizes():
     with pytest.raises(ValueError, match="do not divide the 8 devices"):
         mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=-1, tensor=1, context=1)))
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2, context=1)))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "context": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "context": 1, "ulysses": 1}

@@ -16,7 +16,7 @@ import ctxjax
 from ctxjax import train
 from ctxjax.config import load_config, set_by_path
 from ctxjax.model import chunked_cross_entropy
-from pallas_kernels.mask import MaskSpec, allowed_pair_count
+from pallas_kernels.mask import MaskSpec, allowed_pair_count, count_allowed_pairs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,17 +131,20 @@ def test_outputs_and_falling_loss(tmp_path):
 
 def test_new_window_does_not_recompile():
     config = tiny_config()
-    from ctxjax import mesh as mesh_lib
+    from ctxjax import mesh as mesh_lib, parallel
+    from ctxjax.model import ModelConfig
     mesh = mesh_lib.make_mesh(config.mesh)
     tx, lr = train.make_optimizer(config.optim, config.train.steps)
+    plan = parallel.make_plan(config, mesh)
+    model_cfg = ModelConfig.from_config(config.model)
     with mesh_lib.use_mesh(mesh):
-        param_sh, opt_sh = train.state_shardings(config.model, tx, mesh)
-        graphdef, params, opt_state = train.init_state(config.model, tx, 0, param_sh, opt_sh)
-        step_fn = train.jit_train_step(graphdef, tx, lr, config, mesh, param_sh, opt_sh)
+        graphdef, params_abstract, opt_abstract = train.abstract_state(model_cfg, plan, tx, mesh)
+        params, opt_state = train.init_state(model_cfg, plan, tx, 0, params_abstract, opt_abstract)
+        step_fn = train.jit_train_step(graphdef, tx, lr, config, mesh, params_abstract, opt_abstract)
         rng = np.random.default_rng()
         batch = dict(tokens=rng.integers(0, 259, (4, 64)), segment_ids=np.ones((4, 64)),
                      token_index=np.tile(np.arange(64), (4, 1)), rope_positions=np.tile(np.arange(64), (4, 1)))
-        batch = mesh_lib.shard_batch(train.prepare_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh), mesh)
+        batch = parallel.shard_inputs(train.with_targets({k: v.astype(np.int32) for k, v in batch.items()}), mesh, plan)
         losses = []
         for step, window in enumerate([8, 16, 24, 40, 64]):
             params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step), jnp.int32(window))
@@ -159,7 +162,7 @@ def test_attended_pairs_matches_the_mask_algebra():
     idx = np.tile(np.arange(t, dtype=np.int32), (b, 1))
     for window, chunk, sinks in [(None, None, 0), (9, None, 0), (None, 16, 2), (13, 32, 3)]:
         for documents in (True, False):
-            got = train.attended_pairs(idx, seg, window=window, chunk=chunk, sinks=sinks, documents=documents)
+            got = count_allowed_pairs(idx, seg, window=window, chunk=chunk, sinks=sinks, documents=documents)
             spec = MaskSpec(q_segment_ids=jnp.asarray(seg) if documents else None, window=window, chunk=chunk,
                             sinks=sinks)
             assert got == float(allowed_pair_count(spec, b, t, t)), (window, chunk, sinks, documents)

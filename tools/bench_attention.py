@@ -70,11 +70,8 @@ def make_impl(impl, name):
         return lambda q, k, v, aux: tokamax.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=window, implementation="mosaic")
     if impl == "xla":
-        try:
-            from ctxjax.attention import attention
-        except ImportError as e:
-            return f"ctxjax.attention not importable ({e.__class__.__name__})"
-        return lambda q, k, v, aux: attention(q, k, v, mask_spec(name, aux), implementation="xla_blockwise")
+        from pallas_kernels.blockwise import blockwise_attention
+        return lambda q, k, v, aux: blockwise_attention(q, k, v, mask_spec(name, aux))
     raise ValueError(impl)
 
 

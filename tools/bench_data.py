@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 import ml_collections  # noqa: E402
 
-from ctxjax.data import build_corpus, default_data_config, make_tokenizer, make_train_iterator, train_bpe  # noqa: E402
+from ctxjax.config import get_config
+from ctxjax.data import build_corpus, make_tokenizer, make_train_iterator, train_bpe  # noqa: E402
 from ctxjax.data.corpus import iter_documents  # noqa: E402
 from ctxjax.data.sources import open_source  # noqa: E402
 
@@ -111,7 +112,7 @@ def run_rows(args, workdir):
     for name, source, tokenizer in settings:
         for packing in args.packings:
             for workers in args.worker_counts:
-                cfg = default_data_config()
+                cfg = get_config().data
                 cfg.sources = [dict(source)]
                 cfg.tokenizer, cfg.packing, cfg.worker_count = tokenizer, packing, workers
                 rate, fill, first = measure(cfg, seq_len=args.seq_len, batch=args.batch, seconds=args.seconds)

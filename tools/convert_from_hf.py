@@ -23,7 +23,7 @@ def main(argv=None):
     parser.add_argument("hf_dir", help="a Hugging Face model directory (config.json + *.safetensors)")
     parser.add_argument("--workdir", required=True, help="the ctxjax workdir to write")
     parser.add_argument("--base_config", default=None,
-                        help="config file whose non-model sections to use (default: configs/base.py)")
+                        help="config file whose non-model sections to use (default: ctxjax.config defaults)")
     parser.add_argument("--overwrite", action="store_true", help="replace --workdir if it exists")
     args = parser.parse_args(argv)
     try:

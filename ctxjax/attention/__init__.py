@@ -1,5 +1,4 @@
-"""The attention op: `attention(q, k, v, mask, implementation="auto")` and `MaskSpec`."""
+"""Attention for the model: the backends table (ctxjax.attention.backends) and context
+parallelism (ctxjax.attention.context_parallel). ctxjax/parallel.py chooses between them."""
 from pallas_kernels.mask import MaskSpec  # noqa: F401
-from ctxjax.attention.blockwise import (  # noqa: F401
-    blockwise_attention, blockwise_attention_bwd, blockwise_attention_fwd)
-from ctxjax.attention.ops import IMPLEMENTATIONS, attention, resolve_implementation  # noqa: F401
+from ctxjax.attention.backends import BACKEND_NAMES, BACKENDS, attend  # noqa: F401

@@ -30,7 +30,7 @@ import numpy as np
 
 from ctxjax import checkpoint as ckpt_lib
 from ctxjax.model import rope as rope_lib
-from ctxjax.model.llama import head_dim_of, layer_windows
+from ctxjax.model import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
@@ -165,17 +165,17 @@ def params_from_hf(reader: "SafetensorsReader", abstract: dict, *, tied: bool) -
 def hf_config_kwargs(model_cfg) -> tuple[str, dict]:
     """(model_type, keyword arguments of its transformers config class) for our `config.model`.
     Raises ConversionError listing what Hugging Face cannot express."""
-    m, problems = model_cfg, []
-    hd = head_dim_of(m)
+    m, problems = ModelConfig.from_config(model_cfg), []
+    hd = m.head_dim
     try:
-        rope = rope_lib.to_hf_rope_parameters(m.rope.to_dict() if hasattr(m.rope, "to_dict") else m.rope, hd)
+        rope = rope_lib.to_hf_rope_parameters(m.rope_parameters, hd)
     except ValueError as e:
         problems.append(str(e))
         rope = None
     if m.sinks:
         problems.append(f"model.sinks={m.sinks}: attention sinks have no Hugging Face Llama equivalent; "
                         "export a model trained with sinks=0.")
-    windows = layer_windows(m)
+    windows = m.layer_windows()
     local = sorted({w for w in windows if w is not None})
     if len(local) > 1:
         problems.append(f"model.layer_pattern={tuple(m.layer_pattern)} gives sliding windows {local}: Hugging Face "
@@ -212,7 +212,7 @@ def hf_config_kwargs(model_cfg) -> tuple[str, dict]:
 
 def model_config_from_hf(hf_config, base_model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Our `config.model` for a transformers config object (Llama, Mistral or Qwen2 family);
-    knobs HF does not have (dtype, remat, attention_impl, ...) come from `base_model_cfg`.
+    knobs HF does not have (dtypes, document masking, sinks) come from `base_model_cfg`.
     Raises ConversionError listing everything that does not fit."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -457,7 +457,7 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None, dtype: str
     target = _check_target(out_dir, overwrite)
     config = ckpt_lib.read_config(workdir)
     model_type, kwargs = hf_config_kwargs(config.model)
-    _, abstract = ckpt_lib.abstract_params(config.model)
+    _, abstract = ckpt_lib.abstract_params(ModelConfig.from_config(config.model))
     params, _ = ckpt_lib.restore_params(workdir, abstract, step)
     tensors = params_to_hf(jax.device_get(params))
     del params
@@ -506,8 +506,8 @@ class SafetensorsReader:
 
 def _load_base_config(base_config) -> ml_collections.ConfigDict:
     if base_config is None:
-        from configs import base
-        return base.get_config()
+        from ctxjax.config import get_config
+        return get_config()
     if isinstance(base_config, str):
         from ctxjax.config import load_config
         return load_config(base_config)
@@ -515,7 +515,7 @@ def _load_base_config(base_config) -> ml_collections.ConfigDict:
 
 
 _CONFIG_PY = '''"""The config of the model imported into this workdir from {source}
-(configs/base.py with the model section filled, checkpoint.init_from set here). Train from it:
+(ctxjax's defaults with the model section filled, checkpoint.init_from set here). Train from it:
 
     python -m ctxjax.train --config={workdir}/config.py --workdir=runs/next
 """
@@ -532,7 +532,7 @@ def get_config():
 def import_hf(hf_dir: str, workdir: str, *, base_config=None, overwrite: bool = False) -> str:
     """Makes a ctxjax workdir from a Hugging Face Llama, Mistral or Qwen2-family directory
     (safetensors, sharded or not): WORKDIR/config.json (`base_config` -- a ConfigDict, a config
-    file path, or configs/base.py by default -- with the model section filled and
+    file path, or ctxjax.config.get_config() by default -- with the model section filled and
     checkpoint.init_from = WORKDIR), checkpoints/0 with the params, and the tokenizer files
     under WORKDIR/tokenizer/ (config.data.tokenizer points there). Start training from it with
     `--config.checkpoint.init_from=WORKDIR`; `ctxjax.load_model(WORKDIR)` loads it."""
@@ -572,7 +572,7 @@ def import_hf(hf_dir: str, workdir: str, *, base_config=None, overwrite: bool = 
                       "set it to the model's tokenizer before training.")
     validate_config(config)
 
-    _, abstract = ckpt_lib.abstract_params(config.model)
+    _, abstract = ckpt_lib.abstract_params(ModelConfig.from_config(config.model))
     params = params_from_hf(SafetensorsReader(hf_dir), abstract, tied=config.model.tie_embeddings)
     return save_workdir(target, config, params, meta={"imported_from": hf_dir}, extra_files=extra_files,
                         extra_texts={"config.py": _CONFIG_PY.format(source=hf_dir, workdir=target)},

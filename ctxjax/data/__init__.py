@@ -1,12 +1,10 @@
 """Input pipeline: sources, tokenizers and the Grain pipeline that packs long-context batches.
 
 The train loop uses:
-  default_data_config()                      the `config.data` section, every knob documented
   make_tokenizer(data_cfg) / check_vocab()   the tokenizer, and its fit to the model
   make_train_iterator(data_cfg, ...)         checkpointable Grain iterator of packed batches
   make_eval_batches(data_cfg, ...)           fixed batches of held-out documents
 """
-from ctxjax.data.config import default_data_config, validate_data_config
 from ctxjax.data.corpus import build_corpus
 from ctxjax.data.pipeline import (
     BATCH_KEYS,
@@ -21,6 +19,6 @@ from ctxjax.data.tokenizer import Tokenizer, check_vocab, make_tokenizer, train_
 
 __all__ = [
     "BATCH_KEYS", "Stage", "Tokenizer", "build_corpus", "check_vocab", "curriculum_stages",
-    "default_data_config", "make_eval_batches", "make_tokenizer", "make_train_iterator",
-    "pose_positions", "source_fingerprint", "stdlib_files", "train_bpe", "validate_data_config",
+    "make_eval_batches", "make_tokenizer", "make_train_iterator",
+    "pose_positions", "source_fingerprint", "stdlib_files", "train_bpe",
 ]

@@ -21,7 +21,6 @@ import grain
 import numpy as np
 
 from ctxjax.data import sources as sources_lib
-from ctxjax.data.config import validate_data_config
 from ctxjax.data.corpus import check_corpus_tokenizer
 from ctxjax.data.tokenizer import Tokenizer, make_tokenizer
 
@@ -363,7 +362,8 @@ def _seed(*parts) -> int:
 
 def _make_batches(data_cfg, *, stages, shard, seed, split, entries, shuffle, worker_count,
                   rope_positions) -> PackedBatches:
-    validate_data_config(data_cfg)
+    from ctxjax.config import validate_data
+    validate_data(data_cfg)
     tokenizer = make_tokenizer(data_cfg)
     _check_specials(data_cfg, tokenizer)
     if rope_positions == "pose":

@@ -1,32 +1,49 @@
 """A Llama-family decoder-only LM in Flax NNX.
 
 embedding -> N x [RMSNorm -> attention (GQA, RoPE) -> residual -> RMSNorm -> SwiGLU -> residual]
--> final RMSNorm -> LM head (tied or not). Layers are stacked along a leading 'layers' axis and
-run with lax.scan under a rematerialisation policy. Every parameter and activation names its
-logical axes; ctxjax.mesh maps them to devices, so this file knows nothing about meshes.
+-> final RMSNorm -> LM head (tied or not).
 
-Per-layer attention pattern: each layer is 'global' or 'local' (a sliding window), repeating,
-e.g. ('local', 'local', 'global'); 'local:2048' gives a layer its own window size. The
-SkyLadder window (a traced scalar) applies to the global layers, as a chunked (default) or
-sliding window.
+The model names the logical axes of its parameters and activations and calls the attention
+function it was given; it knows no mesh and no kernel (ctxjax/parallel.py builds the attention
+function and the remat policy from the config and the mesh). Layers are stored stacked along a
+leading 'layers' axis and run with lax.scan in blocks of the layer pattern: with a pattern like
+('local', 'local', 'global') one scan step runs three layers, each with its own fixed mask
+terms, so a global layer carries no window term unless the SkyLadder schedule gives one.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-import ml_collections
 
-from ctxjax.attention import MaskSpec, attention
 from ctxjax.mesh import constrain
 from ctxjax.model import rope as rope_lib
+from ctxjax.model.config import ModelConfig
+from pallas_kernels.mask import MaskSpec
+from pallas_kernels.reference import attention_reference
 
-NO_LIMIT = 1 << 30  # a window/chunk that never binds, for layers without that term
+AttentionFn = Callable  # (q [B,T,Hq,D], k [B,S,Hkv,D], v, mask: MaskSpec) -> out [B,T,Hq,D]
 
 
-def head_dim_of(cfg) -> int:
-    return cfg.head_dim or cfg.d_model // cfg.n_heads
+def _reference_attention(q, k, v, mask):
+    return attention_reference(q, k, v, mask)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation: k/v [n_layers, B, S_max, Hkv, D], and
+    `length`, the number of positions already filled (an int32 scalar)."""
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return cls(zeros, zeros, jnp.int32(0))
 
 
 def _param(rngs, shape, logical_axes, dtype, std):
@@ -40,28 +57,11 @@ def rms_norm(x, scale, eps):
     return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def layer_windows(cfg) -> list[int | None]:
-    """Sliding-window size of each layer from cfg.layer_pattern (None for global layers)."""
-    pattern = tuple(cfg.layer_pattern)
-    windows = []
-    for i in range(cfg.n_layers):
-        kind = pattern[i % len(pattern)]
-        if kind == "global":
-            windows.append(None)
-        elif kind == "local":
-            windows.append(int(cfg.local_window))
-        elif isinstance(kind, str) and kind.startswith("local:"):
-            windows.append(int(kind.split(":", 1)[1]))
-        else:
-            raise ValueError(f"layer_pattern entry {kind!r} is not 'global', 'local' or 'local:<window>'.")
-    return windows
-
-
 class Block(nnx.Module):
     """One transformer layer: pre-norm GQA attention and a SwiGLU MLP."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        d, h, kvh, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg), cfg.mlp_dim
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kvh, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         out_std = std / np.sqrt(2 * cfg.n_layers)  # GPT-2 style scaled init of residual outputs
         self.cfg = cfg
@@ -79,7 +79,10 @@ class Block(nnx.Module):
         self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd, std)
         self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd, out_std)
 
-    def __call__(self, x, cos, sin, mask: MaskSpec):
+    def __call__(self, x, cos, sin, mask: MaskSpec, attention: AttentionFn, cache=None):
+        """x [B, T, d] -> x. With `cache` = (k, v, length) of this layer ([B, S_max, Hkv, D]),
+        the new keys/values are written at `length` and attention reads the whole cache;
+        returns (x, (k, v)) then."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         w = lambda p: p[...].astype(dt)
         y = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
@@ -91,39 +94,28 @@ class Block(nnx.Module):
         q = constrain(rope_lib.apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope_lib.apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        o = attention(q, k, v, mask, implementation=cfg.attention_impl,
-                      context_strategy=cfg.context_strategy,
-                      deterministic=cfg.attention_deterministic)
+        if cache is not None:
+            cache_k, cache_v, length = cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), length, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), length, axis=1)
+        o = attention(q, k, v, mask)
         x = x + constrain(jnp.einsum("bthk,hkd->btd", o, w(self.wo)), ("batch", "seq", "act_embed"))
         y = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         hidden = jax.nn.silu(y @ w(self.w_gate)) * (y @ w(self.w_up))
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
-        return x + constrain(hidden @ w(self.w_down), ("batch", "seq", "act_embed"))
-
-
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    if policy == "offload":
-        if jax.default_backend() == "cpu":  # host memory is device memory: keep the matmul outputs
-            return jax.checkpoint(fn, policy=_REMAT_POLICIES["save_matmuls"])
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.offload_dot_with_no_batch_dims(
-            "device", "pinned_host"))
-    if policy not in _REMAT_POLICIES:
-        raise ValueError(f"model.remat={policy!r}; choose 'none', 'full', 'save_matmuls' or 'offload'.")
-    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy])
+        x = x + constrain(hidden @ w(self.w_down), ("batch", "seq", "act_embed"))
+        return x if cache is None else (x, (k, v))
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is static graph data
+    """The model. `attention` is the function every layer calls (default: the dense reference,
+    for checks on one device); `remat_policy` a jax.checkpoint policy per layer (None: none)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, attention: AttentionFn = _reference_attention,
+                 remat_policy=None):
         self.cfg = cfg
+        self.attention = attention
+        self.remat_policy = remat_policy
         d, v, pd = cfg.d_model, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd, cfg.init_std)
 
@@ -143,59 +135,84 @@ class Llama(nnx.Module):
         """[d_model, vocab] output projection (the embedding transposed when tied)."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def _per_layer_mask_terms(self, window, window_mask):
-        """Per-layer (window, chunk) arrays [n_layers] and which terms exist at all (static)."""
-        cfg = self.cfg
-        local = layer_windows(cfg)
-        sky_sliding = window is not None and window_mask == "sliding"
-        sky_chunk = window is not None and window_mask == "chunk"
-        if window is not None and window_mask not in ("chunk", "sliding"):
-            raise ValueError(f"window_mask={window_mask!r}; choose 'chunk' or 'sliding'.")
-        has_window = any(w is not None for w in local) or sky_sliding
-        windows = chunks = None
-        if has_window:
-            windows = jnp.stack([jnp.int32(w) if w is not None else
-                                 (jnp.asarray(window, jnp.int32) if sky_sliding else jnp.int32(NO_LIMIT))
-                                 for w in local])
-        if sky_chunk:
-            chunks = jnp.stack([jnp.int32(NO_LIMIT) if w is not None else jnp.asarray(window, jnp.int32)
-                                for w in local])
-        return windows, chunks
-
     def hidden_states(self, tokens, segment_ids=None, token_index=None, rope_positions=None, window=None,
-                      window_mask: str = "chunk"):
-        """Final-normed hidden states [B, T, d_model] in the compute dtype. `window` is the SkyLadder
-        context window of the global layers (a traced scalar, or None), applied as a 'chunk'
-        (block-wise) or 'sliding' mask."""
+                      window_mask: str = "chunk", cache: KVCache | None = None):
+        """Final-normed hidden states [B, T, d_model] in the compute dtype.
+
+        `token_index` (what masks use; default 0..T-1) and `rope_positions` (what RoPE uses;
+        default token_index) come from the data pipeline. `window` is the SkyLadder window of
+        the global layers (a traced int32 scalar, or None for no window term), applied as a
+        'chunk' (block-wise) or 'sliding' mask. With a `cache`, `tokens` continue the cached
+        sequence (one document) and (hidden, new cache) is returned.
+        """
         cfg = self.cfg
         b, t = tokens.shape
-        if token_index is None:
+        kv_index = None
+        if cache is not None:
+            token_index = cache.length + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_index = jnp.broadcast_to(jnp.arange(cache.k.shape[2], dtype=jnp.int32), (b, cache.k.shape[2]))
+            segment_ids = None
+        elif token_index is None:
             token_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if rope_positions is None:
             rope_positions = token_index
-        cos, sin = rope_lib.rope_cos_sin(rope_positions, cfg.rope.to_dict(), head_dim_of(cfg),
+        cos, sin = rope_lib.rope_cos_sin(rope_positions, cfg.rope_parameters, cfg.head_dim,
                                          cfg.max_position_embeddings)
         table = constrain(self.embed[...], (None, None))  # gathered whole for the lookup, as FSDP does
         x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
-        windows, chunks = self._per_layer_mask_terms(window, window_mask)
-        base_mask = MaskSpec(causal=True, q_segment_ids=segment_ids if cfg.document_mask else None,
-                             q_token_index=token_index, kv_token_index=token_index, sinks=cfg.sinks)
+        base = MaskSpec(causal=True, q_segment_ids=segment_ids if cfg.document_mask else None,
+                        q_token_index=token_index, kv_token_index=token_index if kv_index is None else kv_index,
+                        sinks=cfg.sinks)
+        masks = [base.replace(**m.as_fields()) for m in cfg.layer_masks(window, window_mask)]
         graphdef, stacked = nnx.split(self.blocks)
+        attention = self.attention
 
-        def layer(x, xs):
-            params, layer_window, layer_chunk = xs
-            mask = base_mask.replace(window=layer_window, chunk=layer_chunk)
-            return nnx.merge(graphdef, params)(x, cos, sin, mask), None
+        def layer(position, x, params, layer_cache):
+            block = nnx.merge(graphdef, params)
+            if layer_cache is None:
+                return block(x, cos, sin, masks[position], attention), None
+            return block(x, cos, sin, masks[position], attention, (*layer_cache, cache.length))
 
-        x, _ = jax.lax.scan(_remat(layer, cfg.remat), x, (stacked, windows, chunks))
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        if self.remat_policy is not None:
+            layer = jax.checkpoint(layer, policy=self.remat_policy, static_argnums=(0,))
+
+        def run_group(x, group):
+            """The layers of one repetition of the pattern (or the remainder), in order."""
+            params, group_cache = group
+            new_cache = []
+            for position in range(jax.tree.leaves(params)[0].shape[0]):
+                pick = lambda tree: jax.tree.map(lambda a: a[position], tree)
+                x, kv = layer(position, x, pick(params), None if group_cache is None else pick(group_cache))
+                new_cache.append(kv)
+            stack = None if group_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
+            return x, stack
+
+        period = len(cfg.layer_pattern)
+        repeats, rest = divmod(cfg.n_layers, period)
+        layers_cache = None if cache is None else (cache.k, cache.v)
+        head = lambda a: a[:repeats * period].reshape(repeats, period, *a.shape[1:])
+        new_cache = []
+        if repeats:
+            x, ys = jax.lax.scan(run_group, x, jax.tree.map(head, (stacked, layers_cache)))
+            new_cache.append(None if ys is None else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
+        if rest:  # layers that do not fill a whole pattern
+            x, ys = run_group(x, jax.tree.map(lambda a: a[repeats * period:], (stacked, layers_cache)))
+            new_cache.append(ys)
+        hidden = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        if cache is None:
+            return hidden
+        k, v = (jnp.concatenate(parts) for parts in zip(*new_cache))
+        return hidden, KVCache(k, v, cache.length + t)
 
     def __call__(self, tokens, segment_ids=None, token_index=None, rope_positions=None, window=None,
                  window_mask: str = "chunk"):
         """Logits [B, T, vocab] in float32. (Training uses the vocab-chunked loss instead.)"""
         h = self.hidden_states(tokens, segment_ids, token_index, rope_positions, window, window_mask)
-        logits = jnp.einsum("btd,dv->btv", h, self.head_weight().astype(h.dtype),
+        return self.logits(h)
+
+    def logits(self, hidden):
+        logits = jnp.einsum("btd,dv->btv", hidden, self.head_weight().astype(hidden.dtype),
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
@@ -207,28 +224,15 @@ def logical_axes(model: nnx.Module):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def count_params(cfg, *, embedding: bool = True) -> int:
-    d, hd, f, L = cfg.d_model, head_dim_of(cfg), cfg.mlp_dim, cfg.n_layers
-    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f + 2 * d
-    per_layer += hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
-    total = L * per_layer + d
-    head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    return total + head + (cfg.vocab_size * d if embedding else 0)
+def abstract_model(cfg: ModelConfig, **runtime) -> Llama:
+    """The model with ShapeDtypeStructs for parameters (no memory, no compute)."""
+    return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), **runtime))
 
 
-def matmul_flops_per_token(cfg) -> float:
-    """Training FLOPs per token of the dense matmuls (6 x the matmul parameters; attention's
-    score/value products are counted separately, over the actual mask)."""
-    biases = head_dim_of(cfg) * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
-    matmul_params = count_params(cfg, embedding=False) - cfg.n_layers * (2 * cfg.d_model + biases) - cfg.d_model
-    if cfg.tie_embeddings:
-        matmul_params += cfg.vocab_size * cfg.d_model  # the tied head is still a matmul
-    return 6.0 * matmul_params
-
-
-def init_params(cfg, seed: int = 0, shardings=None):
+def init_params(cfg: ModelConfig, seed: int = 0, shardings=None, **runtime):
     """(graphdef, params as a pure dict), created under jit: fast, and directly in `shardings`
-    (a matching tree of shardings) when given, so no device ever holds the whole model."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed))))
-    create = lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed)), nnx.Param))
+    (a matching tree of shardings) when given, so no device ever holds the whole model.
+    `runtime`: the model's attention and remat_policy."""
+    graphdef = nnx.graphdef(abstract_model(cfg, **runtime))
+    create = lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed), **runtime), nnx.Param))
     return graphdef, jax.jit(create, out_shardings=shardings)()
