@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 
@@ -182,6 +183,35 @@ def allowed_pair_count(mask: MaskSpec, batch: int, q_len: int, kv_len: int, *, r
         return ok.sum(dtype=jnp.float32)
 
     return jax.lax.map(count, jnp.arange((q_len + pad) // rows)).sum()
+
+
+def count_allowed_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0,
+                        documents=True) -> float:
+    """`allowed_pair_count` of a causal self-attention mask, on the host with NumPy in O(B*L).
+
+    token_index / segment_ids are [B, L] (the same for queries and keys); `documents` turns the
+    document term on (segment 0 = padding). Each query sees the keys from the latest of its
+    document start, window start and chunk start up to itself, plus the sinks before that.
+    Needs the rows in natural order with contiguous documents, as packing produces (i.e.
+    before a zigzag reordering). For MFU: no device work, no O(L^2) memory.
+    """
+    q = np.asarray(token_index, np.int64)
+    segment_ids = np.asarray(segment_ids)
+    start = np.zeros_like(q)
+    if documents:
+        new_doc = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
+                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        start = np.maximum.accumulate(np.where(new_doc, q, 0), axis=1)
+    if window is not None:
+        start = np.maximum(start, q - window + 1)
+    if chunk is not None:
+        start = np.maximum(start, (q // chunk) * chunk)
+    body = q - start + 1
+    if documents:
+        body = np.where(segment_ids != 0, body, 0)
+    # Sink keys before `start` (all precede the query) or, for a query with no body, up to itself.
+    extra_sinks = np.where(body > 0, np.minimum(sinks, start), np.minimum(sinks, q + 1))
+    return float((body + extra_sinks).sum())
 
 
 def allowed_flops(mask: MaskSpec, batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
