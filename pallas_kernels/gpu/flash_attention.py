@@ -44,6 +44,7 @@ from jax import lax
 
 from pallas_kernels import mask as mask_lib
 from pallas_kernels.mask import EMPTY, FULL, PARTIAL, MaskSpec
+from pallas_kernels.operands import mask_operands
 
 _ROWS = 64                # rows per compute warpgroup: the M of one wgmma
 _FWD_BQ = 2 * _ROWS       # forward query block: two compute warpgroups
@@ -111,50 +112,17 @@ class _Static:
 # Mask preparation and block lists (plain jnp: runs on any backend, tested on CPU).
 # ----------------------------------------------------------------------------------------
 
-def _edge_pad(x, length):
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), mode="edge") if length > x.shape[1] else x
-
-
-def _static_int(x, value):
-    return isinstance(x, int) and not isinstance(x, bool) and x == value
-
-
 def prepare_mask(mask: MaskSpec, batch: int, q_len: int, kv_len: int, q_pad: int, kv_pad: int):
-    """Resolve `mask` and pad it to (q_pad, kv_pad) for the kernels.
-
-    Returns (padded MaskSpec for tile classification, rows, cols, sinks, flags) where rows /
-    cols are dicts of int32 [B, q_pad] / [B, kv_pad] arrays: 'pos' (token_index), 'lo' (the
-    first key index the window / chunk allows), 'seg' (segment ids; query padding id 0 is
-    mapped to INT_MIN so it matches nothing). Padding repeats the last real row or column,
-    so block min/max and thus the tile classes are unchanged; padded keys are excluded
-    explicitly by the kernels and padded queries are sliced off.
-    """
-    m = mask.resolved(batch, q_len, kv_len)
-    qpos, kpos = _edge_pad(m.q_token_index, q_pad), _edge_pad(m.kv_token_index, kv_pad)
-    qseg = kseg = None
-    if m.has_segments:
-        qseg, kseg = _edge_pad(m.q_segment_ids, q_pad), _edge_pad(m.kv_segment_ids, kv_pad)
-    rows, cols = {"pos": qpos}, {"pos": kpos}
-    lo = None
-    if m.window is not None:
-        w = min(m.window, _INT_MAX) if isinstance(m.window, int) else m.window
-        lo = qpos - jnp.asarray(w, jnp.int32) + 1
-    if m.chunk is not None:
-        c = jnp.asarray(m.chunk, jnp.int32)
-        start = (qpos // c) * c
-        lo = start if lo is None else jnp.maximum(lo, start)
-    if lo is not None:
-        rows["lo"] = lo
-    if qseg is not None:
-        rows["seg"] = jnp.where(qseg != 0, qseg, _INT_MIN).astype(jnp.int32)
-        cols["seg"] = kseg
-    has_sinks = not _static_int(m.sinks, 0) and (lo is not None or qseg is not None)
-    sinks = jnp.reshape(jnp.asarray(m.sinks, jnp.int32), (1,)) if has_sinks else None
-    padded = m.replace(q_token_index=qpos, kv_token_index=kpos, q_segment_ids=qseg,
-                       kv_segment_ids=kseg)
-    flags = dict(causal=m.causal, has_lo=lo is not None, has_seg=qseg is not None,
-                 has_sinks=has_sinks)
-    return padded, rows, cols, sinks, flags
+    """`operands.mask_operands` as the kernels read it: (padded MaskSpec for tile
+    classification, rows, cols, sinks, flags), rows / cols dicts of int32 [B, q_pad] /
+    [B, kv_pad] arrays: 'pos' (token_index), 'lo' (first key allowed), 'seg' (segment ids)."""
+    ops = mask_operands(mask, batch, q_len, kv_len, q_pad, kv_pad)
+    rows, cols = {"pos": ops.q_pos}, {"pos": ops.k_pos}
+    if ops.q_lo is not None:
+        rows["lo"] = ops.q_lo
+    if ops.q_seg is not None:
+        rows["seg"], cols["seg"] = ops.q_seg, ops.k_seg
+    return ops.padded, rows, cols, ops.sinks, ops.flags
 
 
 def block_lists(classes: jax.Array, *, kv_padded: bool = False, descending: bool = False):
