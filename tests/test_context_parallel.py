@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 from jax.sharding import AxisType
 
-from ctxjax.attention.blockwise import blockwise_attention_bwd, blockwise_attention_fwd
+from pallas_kernels.blockwise import blockwise_attention_bwd, blockwise_attention_fwd
 from ctxjax.attention.context_parallel import (
     STRATEGIES, context_parallel_attention, unzigzag, zigzag, zigzag_order)
 from pallas_kernels.mask import MaskSpec

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ctxjax.attention.blockwise import blockwise_attention, blockwise_attention_bwd, blockwise_attention_fwd
+from pallas_kernels.blockwise import blockwise_attention, blockwise_attention_bwd, blockwise_attention_fwd
 from pallas_kernels.mask import MaskSpec
 from pallas_kernels.reference import attention_reference
 
