@@ -13,9 +13,8 @@ tile). Passing `dq_ref` to `dkdv_call` instead fuses dQ into it (five matmuls pe
 TMA reduce-added in float32, FlashAttention-3 style): not reproducible in the last bits;
 `api.fused_backward` says when it runs.
 
-Both take lse in base 2 (lse * log2(e); +inf for rows that see no key) and
-delta = rowsum(dO * O), and return gradients not yet multiplied by the softmax scale where
-their docstrings say so.
+Both take lse in base 2 (lse * log2(e); +inf for rows that see no key, so their P is 0)
+and delta = rowsum(dO * O).
 """
 from __future__ import annotations
 
@@ -31,9 +30,9 @@ from pallas_kernels.gpu.common import (
 
 
 def dq_call(q, k, v, do, lse2, delta, rows, cols, sinks, lists, counts, st: StaticSpec):
-    """dQ (unscaled by the softmax scale) without atomics: per work item, three matmuls per
-    tile (S = Q K^T, dP = dO V^T, dQ += dS K). lists / counts: `common.forward_lists` with
-    key blocks of DQ_BK."""
+    """dQ without atomics: per work item, three matmuls per tile (S = Q K^T, dP = dO V^T,
+    dQ += dS K), the softmax scale applied once at the store. lists / counts:
+    `common.forward_lists` with key blocks of DQ_BK."""
     pl, plgpu = pallas_modules()
     batch, q_pad, hq, d = q.shape
     group = hq // k.shape[2]

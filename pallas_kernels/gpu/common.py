@@ -264,11 +264,10 @@ def mask_partial_tile(scores, is_partial, tile_vectors, *, st, sinks, row_axis):
 def items_grid(st: StaticSpec, total: int) -> int:
     """CTAs of the forward and dQ kernels, which walk the same `total` (batch, head,
     128-query block) items. Persistent (one per SM; the next item's Q is prefetched) unless
-    the items are long causal rows (128 key blocks or more, i.e. 16K keys at block_kv=128):
-    there one CTA per item measured faster,
-    as the hardware's block scheduler balances the uneven causal items better than the
-    static snake deal; for shorter rows and for window and chunk masks it measured slower
-    (docs/hopper_kernel_notes.md, session 6, run 42)."""
+    the items are long causal rows (128 key blocks or more: 16K keys at block_kv=128). There
+    one CTA per item measured faster, as the hardware's block scheduler balances the uneven
+    causal items better than the static snake deal; for shorter rows and for window and
+    chunk masks it measured slower (docs/hopper_kernel_notes.md, session 6, run 42)."""
     if st.tuning.num_ctas:
         return max(1, min(total, st.tuning.num_ctas))
     long_causal = (st.causal and not (st.has_lo or st.has_seg)
