@@ -1,9 +1,10 @@
-"""Memory-efficient attention in plain JAX: online softmax over key blocks (FlashAttention's
-algorithm written with lax.scan), with a custom VJP that recomputes probabilities from the
-logsumexp instead of storing them. O(T * block_k) memory per head, any backend.
+"""Memory-efficient attention in plain JAX (XLA): online softmax over key blocks
+(FlashAttention's algorithm written with lax.scan), with a custom VJP that recomputes
+probabilities from the logsumexp instead of storing them. O(T * block_k) memory per head,
+any backend; the kernel used where no Pallas kernel applies.
 
-The forward and backward halves are public so context parallelism can call them once per
-ring step with the globally merged out/lse.
+The forward and backward halves are public so ring attention can call them once per K/V
+shard with the globally merged out/lse.
 """
 from __future__ import annotations
 

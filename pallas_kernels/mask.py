@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = Any
 
@@ -184,20 +185,16 @@ def allowed_pair_count(mask: MaskSpec, batch: int, q_len: int, kv_len: int, *, r
     return jax.lax.map(count, jnp.arange((q_len + pad) // rows)).sum()
 
 
-def allowed_flops(mask: MaskSpec, batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
-                  *, backward: bool = False) -> jax.Array:
-    """Matmul FLOPs over the allowed area only: 4*D per pair forward (QK^T and PV), and
-    3.5x that for forward+backward (five matmuls more in the backward)."""
-    flops = 4.0 * head_dim * num_heads * allowed_pair_count(mask, batch, q_len, kv_len)
-    return flops * (3.5 if backward else 1.0)
+def count_allowed_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0,
+                        documents=True) -> float:
+    """`allowed_pair_count` of a causal self-attention mask, on the host with NumPy in O(B*L).
 
-
-def count_allowed_pairs(token_index, segment_ids, *, window=None, chunk=None, sinks=0, documents=True) -> float:
-    """Allowed (query, key) pairs of a causal mask over packed rows, counted on the host in
-    O(B*L) with NumPy (for FLOP counts): each query sees the keys from the latest of (document
-    start, window start, chunk start) up to itself, plus the sinks before that. Needs rows in
-    natural order with contiguous documents (as packing produces; i.e. before zigzag)."""
-    import numpy as np
+    token_index / segment_ids are [B, L] (the same for queries and keys); `documents` turns the
+    document term on (segment 0 = padding). Each query sees the keys from the latest of its
+    document start, window start and chunk start up to itself, plus the sinks before that.
+    Needs the rows in natural order with contiguous documents, as packing produces (i.e.
+    before a zigzag reordering). For MFU: no device work, no O(L^2) memory.
+    """
     q = np.asarray(token_index, np.int64)
     segment_ids = np.asarray(segment_ids)
     start = np.zeros_like(q)
@@ -212,6 +209,14 @@ def count_allowed_pairs(token_index, segment_ids, *, window=None, chunk=None, si
     body = q - start + 1
     if documents:
         body = np.where(segment_ids != 0, body, 0)
-    # sink keys before `start` (all precede the query) or, for a query with no body, up to itself
+    # Sink keys before `start` (all precede the query) or, for a query with no body, up to itself.
     extra_sinks = np.where(body > 0, np.minimum(sinks, start), np.minimum(sinks, q + 1))
     return float((body + extra_sinks).sum())
+
+
+def allowed_flops(mask: MaskSpec, batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
+                  *, backward: bool = False) -> jax.Array:
+    """Matmul FLOPs over the allowed area only: 4*D per pair forward (QK^T and PV), and
+    3.5x that for forward+backward (five matmuls more in the backward)."""
+    flops = 4.0 * head_dim * num_heads * allowed_pair_count(mask, batch, q_len, kv_len)
+    return flops * (3.5 if backward else 1.0)

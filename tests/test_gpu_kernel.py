@@ -1,16 +1,13 @@
 """Hopper (Mosaic GPU) attention kernels: block lists and masks on any backend; the kernels
 themselves against the reference on a GPU (skipped cleanly elsewhere)."""
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.mask import EMPTY, MaskSpec, classify_tiles, dense_mask
+from pallas_kernels.gpu import Tuning, api, common, flash_attention, flash_attention_bwd, flash_attention_fwd
 from pallas_kernels.reference import attention_reference
-
-fa = importlib.import_module("pallas_kernels.gpu.flash_attention")
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a (Hopper) GPU")
 
@@ -57,12 +54,12 @@ def test_block_lists_cover_exactly_the_allowed_tiles(seed):
     rng = np.random.default_rng(seed)
     batch, q_len, kv_len = 2, 200, 448          # padded inside to 256 and 512
     mask = _random_mask(rng, batch, q_len, kv_len)
-    st, (padded, rows, cols, sinks) = fa._setup(
+    st, (padded, rows, cols, sinks) = api.setup(
         jnp.zeros((batch, q_len, 1, 64), jnp.bfloat16), jnp.zeros((batch, kv_len, 1, 64)),
-        mask, None, 64, 2, None)
+        mask, None, Tuning(block_kv=64))
     allowed = np.asarray(dense_mask(mask, batch, q_len, kv_len))
 
-    lists, counts = map(np.asarray, jax.jit(fa.forward_lists, static_argnums=range(1, 6))(
+    lists, counts = map(np.asarray, jax.jit(common.forward_lists, static_argnums=range(1, 6))(
         padded, batch, st.q_pad, st.kv_pad, 64, st.kv_padded))
     visited, full = _expand(lists, counts, st.q_pad, st.kv_pad, 128, 64)
     visited, full = visited[:, :q_len, :kv_len], full[:, :q_len, :kv_len]
@@ -72,7 +69,7 @@ def test_block_lists_cover_exactly_the_allowed_tiles(seed):
         padded, batch, st.q_pad, st.kv_pad, 128, 64))
     np.testing.assert_array_equal(counts, (classes != EMPTY).sum(-1))
 
-    lists_t, counts_t = map(np.asarray, jax.jit(fa.backward_lists, static_argnums=range(1, 5))(
+    lists_t, counts_t = map(np.asarray, jax.jit(common.backward_lists, static_argnums=range(1, 5))(
         padded, batch, st.q_pad, st.kv_pad, st.kv_padded))
     visited_t, full_t = _expand(lists_t, counts_t, st.kv_pad, st.q_pad, 128, 64)
     visited_t = np.swapaxes(visited_t, 1, 2)[:, :q_len, :kv_len]
@@ -87,13 +84,13 @@ def test_elementwise_mask_matches_the_algebra():
     rng = np.random.default_rng(3)
     batch, q_len, kv_len = 2, 90, 200
     mask = _random_mask(rng, batch, q_len, kv_len)
-    st, (_, rows, cols, sinks) = fa._setup(
+    st, (_, rows, cols, sinks) = api.setup(
         jnp.zeros((batch, q_len, 1, 64), jnp.bfloat16), jnp.zeros((batch, kv_len, 1, 64)),
-        mask, None, 128, 2, None)
+        mask, None, Tuning())
     assert st.kv_padded and st.has_sinks and st.has_lo and st.has_seg
     shape = (st.q_pad, st.kv_pad)
     key_ids = jnp.broadcast_to(jnp.arange(st.kv_pad), shape)
-    ok = jax.jit(jax.vmap(lambda r, c: fa._mask_tile(shape, st=st, row_vals=r, col_vals=c,
+    ok = jax.jit(jax.vmap(lambda r, c: common.mask_tile(shape, st=st, row_vals=r, col_vals=c,
                                              sinks=sinks[0], key_ids=key_ids, row_axis=0)))(rows, cols)
     np.testing.assert_array_equal(np.asarray(ok)[:, :q_len, :kv_len],
                                   np.asarray(dense_mask(mask, batch, q_len, kv_len)))
@@ -103,9 +100,9 @@ def test_elementwise_mask_matches_the_algebra():
 def test_new_window_does_not_recompile():
     def lists(window, chunk, sinks):
         mask = MaskSpec(window=window, chunk=chunk, sinks=sinks)
-        st, (padded, *_) = fa._setup(jnp.zeros((1, 512, 1, 64), jnp.bfloat16),
-                                     jnp.zeros((1, 512, 1, 64)), mask, None, 128, 2, None)
-        return fa.forward_lists(padded, 1, st.q_pad, st.kv_pad, 128, st.kv_padded)
+        st, (padded, *_) = api.setup(jnp.zeros((1, 512, 1, 64), jnp.bfloat16),
+                                     jnp.zeros((1, 512, 1, 64)), mask, None, Tuning())
+        return common.forward_lists(padded, 1, st.q_pad, st.kv_pad, 128, st.kv_padded)
 
     f = jax.jit(lists)
     small = f(jnp.int32(128), jnp.int32(256), jnp.int32(0))[1]
@@ -115,12 +112,12 @@ def test_new_window_does_not_recompile():
 
 
 def test_grid_is_one_cta_per_item_only_for_long_causal_rows(monkeypatch):
-    monkeypatch.setattr(fa, "_num_sms", lambda: 132)
+    monkeypatch.setattr(common, "num_sms", lambda: 132)
 
     def grid(seq, mask, num_ctas=None, batch=2, heads=4):
         q = jax.ShapeDtypeStruct((batch, seq, heads, 128), jnp.bfloat16)
-        st, _ = fa._setup(q, q, mask, None, 128, 2, num_ctas)
-        return fa._items_grid(st, batch * heads * st.q_pad // fa._FWD_BQ)
+        st, _ = api.setup(q, q, mask, None, Tuning(num_ctas=num_ctas))
+        return common.items_grid(st, batch * heads * st.q_pad // common.FWD_BQ)
 
     seg = jnp.ones((2, 16384), jnp.int32)
     assert grid(16384, MaskSpec()) == 2 * 4 * 128            # long causal rows: one per item
@@ -135,7 +132,7 @@ def test_grid_is_one_cta_per_item_only_for_long_causal_rows(monkeypatch):
 def test_fused_backward_only_without_window_or_chunk():
     def fused(mask, deterministic):
         q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-        return fa._fused_backward(fa._setup(q, q, mask, None, 128, 2, None, deterministic)[0])
+        return api.fused_backward(api.setup(q, q, mask, None, Tuning(), deterministic)[0])
 
     seg = jnp.ones((1, 256), jnp.int32)
     assert fused(MaskSpec(), False) and fused(MaskSpec(causal=False), False)
@@ -148,12 +145,34 @@ def test_fused_backward_only_without_window_or_chunk():
 def test_bad_inputs_name_the_fix():
     q = jnp.zeros((1, 128, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
-        fa.flash_attention(q, q, q)
+        flash_attention(q, q, q)
     q = q.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match="multiple of key/value"):
-        fa.flash_attention(q, q[:, :, :1].repeat(3, 2)[:, :, :3], q[:, :, :1].repeat(3, 2)[:, :, :3])
+        flash_attention(q, q[:, :, :1].repeat(3, 2)[:, :, :3], q[:, :, :1].repeat(3, 2)[:, :, :3])
     with pytest.raises(ValueError, match="head_dim 96"):
-        fa.flash_attention(jnp.zeros((1, 128, 2, 96), jnp.bfloat16), *[jnp.zeros((1, 128, 2, 96), jnp.bfloat16)] * 2)
+        flash_attention(jnp.zeros((1, 128, 2, 96), jnp.bfloat16), *[jnp.zeros((1, 128, 2, 96), jnp.bfloat16)] * 2)
+    with pytest.raises(TypeError, match="Tuning"):
+        flash_attention(q, q, q, tuning=dict(block_kv=64))
+    with pytest.raises(ValueError, match="lower num_stages"):
+        flash_attention(jnp.zeros((1, 128, 2, 128), jnp.bfloat16), *[jnp.zeros((1, 128, 2, 128), jnp.bfloat16)] * 2,
+                        tuning=Tuning(block_kv=128, num_stages=4))
+
+
+def test_tuning_is_a_checked_hashable_value():
+    """Tuning goes into the static spec, which is part of the compile key: hashable, compared
+    by value, and every hook is a field (there are no module-level switches)."""
+    assert Tuning(ablate=["exp", "steps"]) == Tuning(ablate=frozenset({"steps", "exp"}))
+    assert hash(Tuning(ablate=("exp",))) == hash(Tuning(ablate={"exp"}))
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    st, _ = api.setup(q, q, MaskSpec(), None, Tuning(profile_dir="/tmp/p", profile_kernel="fwd"))
+    assert st != api.setup(q, q, MaskSpec(), None, Tuning())[0]
+    for bad, match in [(dict(block_kv=96), "block_kv"), (dict(num_stages=5), "num_stages"),
+                       (dict(num_ctas=0), "num_ctas"), (dict(profile_kernel="bwd"), "profile_kernel"),
+                       (dict(ablate={"exp", "softmax"}), "softmax")]:
+        with pytest.raises(ValueError, match=match):
+            Tuning(**bad)
+    for module in (api, common):
+        assert not [n for n in vars(module) if n.startswith(("_PROFILE", "_ABLATE"))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,17 +241,25 @@ def test_fused_backward_matches_reference(name):
 def test_one_cta_per_item_matches_reference(name):
     """The grid used for long causal rows (one CTA per query block in the forward and dQ
     kernels), forced on a small problem."""
-    _check_against_reference(name, deterministic=True, num_ctas=1 << 20)
+    _check_against_reference(name, deterministic=True, tuning=Tuning(num_ctas=1 << 20))
 
 
-def _check_against_reference(name, deterministic, num_ctas=None):
+@on_gpu
+@pytest.mark.parametrize("name", ["window", "documents_zigzag"])
+def test_forward_tuning_matches_reference(name):
+    """Other forward key blocks, pipeline depths and a persistent grid smaller than the
+    number of work items (several items per CTA) compute the same function."""
+    _check_against_reference(name, deterministic=True, tuning=Tuning(block_kv=64, num_stages=3, num_ctas=3))
+
+
+def _check_against_reference(name, deterministic, tuning=Tuning()):
     make_mask, b, t, s, hq, hkv, d, dtype = CASES[name]
     mask = make_mask(t, s)
     q, k, v, do = _inputs(b, t, s, hq, hkv, d, dtype, seed=len(name) + 100 * (not deterministic))
 
     def kernel(q, k, v):
-        return fa.flash_attention(q, k, v, mask, return_lse=True, deterministic=deterministic,
-                                  num_ctas=num_ctas)
+        return flash_attention(q, k, v, mask, return_lse=True, deterministic=deterministic,
+                               tuning=tuning)
 
     def reference(q, k, v):
         f32 = lambda x: x.astype(jnp.float32)
@@ -265,11 +292,11 @@ def test_lse_gradient_and_ring_halves():
     shard_mask = lambda i: MaskSpec(q_token_index=jnp.arange(t, dtype=jnp.int32)[None] + (s - t),
                                     kv_token_index=jnp.arange(half, dtype=jnp.int32)[None] + i * half,
                                     window=jnp.int32(500))
-    parts = [fa.flash_attention_fwd(q, shard(k, i), shard(v, i), shard_mask(i)) for i in range(2)]
+    parts = [flash_attention_fwd(q, shard(k, i), shard(v, i), shard_mask(i)) for i in range(2)]
     lse = jnp.logaddexp(parts[0][1], parts[1][1])
     weight = lambda i: jnp.exp(parts[i][1] - lse).transpose(0, 2, 1)[..., None]
     out = (weight(0) * parts[0][0] + weight(1) * parts[1][0]).astype(q.dtype)
-    grads = [fa.flash_attention_bwd(q, shard(k, i), shard(v, i), shard_mask(i), out, lse, do) for i in range(2)]
+    grads = [flash_attention_bwd(q, shard(k, i), shard(v, i), shard_mask(i), out, lse, do) for i in range(2)]
 
     full_mask = MaskSpec(q_token_index=jnp.arange(t, dtype=jnp.int32)[None] + (s - t), window=jnp.int32(500))
     f32 = lambda x: x.astype(jnp.float32)
@@ -286,7 +313,7 @@ def test_lse_gradient_and_ring_halves():
             o, l = impl(q, k, v)
             return (f32(o) * f32(do)).sum() + jnp.where(jnp.isfinite(l), l, 0).sum()
         return f
-    kern = lambda q, k, v: fa.flash_attention(q, k, v, full_mask, return_lse=True)
+    kern = lambda q, k, v: flash_attention(q, k, v, full_mask, return_lse=True)
     ref = lambda q, k, v: attention_reference(q, k, v, full_mask, return_lse=True)
     g = jax.grad(loss(kern), argnums=(0, 1, 2))(q, k, v)
     rg = jax.grad(loss(ref), argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
@@ -300,7 +327,7 @@ def test_backward_is_deterministic():
     backward give bit-identical gradients."""
     q, k, v, do = _inputs(2, 640, 640, 4, 2, 128, jnp.bfloat16, seed=11)
     mask = MaskSpec(q_segment_ids=_docs(2, 640, 3))
-    grads = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: fa.flash_attention(q, k, v, mask),
+    grads = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask),
                                                 q, k, v)[1](do))
     first, second = grads(q, k, v, do), grads(q, k, v, do)
     for a, b in zip(first, second):

@@ -1,13 +1,14 @@
 """Development probe for the Hopper kernels: where does the time of one kernel go?
 
-One device call runs, for chosen shapes and masks: (1) variants given as module-level
-overrides (`name:attr=value;attr=value`, e.g. `bk128:_DQ_BK=128`; the attr `deterministic`
-is passed to the backward instead, e.g. `fused:deterministic=False`), each optionally checked
+One device call runs, for chosen shapes and masks: (1) variants given as `Tuning` fields
+(`name:field=value;field=value`, e.g. `bk64:block_kv=64;num_stages=3`; `deterministic` is
+passed to the backward instead, e.g. `fused:deterministic=False`), each optionally checked
 against the float32 reference (--check); (2) timings of the backward, also with parts
-dropped (`flash_attention._ABLATE`: results then wrong, timing only) and of the forward
-per block configuration (--fwd); (3) Mosaic GPU's in-kernel profiler on one kernel (--profile-kernel)
-over a chosen grid, summarised per named region and warpgroup (--profile). Prints a short
-table last; full logs under --out. Not a benchmark of record: tools/bench_attention.py is.
+dropped (`Tuning.ablate`, names in `pallas_kernels.gpu.ABLATIONS`: results then wrong,
+timing only) and of the forward per block configuration (--fwd); (3) Mosaic GPU's in-kernel
+profiler on one kernel (--profile-kernel) over a chosen grid, summarised per named region
+and warpgroup (--profile). Prints a short table last; full logs under --out. Not a benchmark
+of record: tools/bench_attention.py is.
 
     python tools/probe_hopper.py --out $OUT --check --masks causal,window --ablations none,exp
     python tools/probe_hopper.py --seq 32768 --masks causal,chunk --ablations '' --fwd \
@@ -16,10 +17,11 @@ table last; full logs under --out. Not a benchmark of record: tools/bench_attent
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
+import dataclasses
 import functools
 import glob
-import importlib
 import json
 import os
 import statistics
@@ -29,10 +31,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.gpu import Tuning, flash_attention, flash_attention_bwd, flash_attention_fwd  # noqa: E402
 from pallas_kernels.mask import MaskSpec, allowed_flops  # noqa: E402
 from tools.bench_attention import mask_args, mask_spec, timed  # noqa: E402
-
-fa = importlib.import_module("pallas_kernels.gpu.flash_attention")
 
 
 def median_ms(fn, args):
@@ -52,23 +53,21 @@ def bench_mask(name, batch, seq):
     return mask_spec(name, mask_args(name, batch, seq))
 
 
-def time_bwd(q, k, v, do, mask, ablate=(), **bwd_kw):
-    fa._ABLATE = frozenset(ablate)
-    out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
-    f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do,
-                                                                     **bwd_kw))
-    try:
-        return median_ms(f, (q, k, v, out, lse, do))
-    finally:
-        fa._ABLATE = frozenset()
+def time_bwd(q, k, v, do, mask, ablate=(), tuning=Tuning(), **bwd_kw):
+    """The backward alone, with the parts named in `ablate` dropped (timing only)."""
+    out, lse = jax.jit(lambda q, k, v: flash_attention_fwd(q, k, v, mask, tuning=tuning))(q, k, v)
+    ablated = dataclasses.replace(tuning, ablate=tuning.ablate | frozenset(ablate))
+    f = jax.jit(lambda q, k, v, out, lse, do: flash_attention_bwd(q, k, v, mask, out, lse, do,
+                                                                  tuning=ablated, **bwd_kw))
+    return median_ms(f, (q, k, v, out, lse, do))
 
 
-def time_fwd(q, k, v, mask, **kw):
-    f = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask, **kw))
+def time_fwd(q, k, v, mask, tuning=Tuning()):
+    f = jax.jit(lambda q, k, v: flash_attention_fwd(q, k, v, mask, tuning=tuning))
     return median_ms(f, (q, k, v))
 
 
-def check_grads(seed=0, **bwd_kw):
+def check_grads(seed=0, tuning=Tuning(), **bwd_kw):
     """Max relative error of (dq, dk, dv, out) against the float32 reference on small random
     problems (GQA, a length that needs padding, causal and a documents+window mask)."""
     from pallas_kernels.reference import attention_reference
@@ -90,11 +89,11 @@ def check_grads(seed=0, **bwd_kw):
                 do.astype(jnp.float32))
         ref_fn = lambda q, k, v, m: attention_reference(
             q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), m)
-        got = jax.jit(functools.partial(grads, functools.partial(fa.flash_attention, **bwd_kw)))(
-            q, k, v, do, seg)
+        kernel = functools.partial(flash_attention, tuning=tuning, **bwd_kw)
+        got = jax.jit(functools.partial(grads, kernel))(q, k, v, do, seg)
         ref = jax.jit(functools.partial(grads, ref_fn))(q, k, v, do, seg)
         m = mask_of(seg)
-        got = (*got, jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, m))(q, k, v))
+        got = (*got, jax.jit(lambda q, k, v: kernel(q, k, v, m))(q, k, v))
         ref = (*ref, ref_fn(q, k, v, m))
         for name, g, r in zip("qkvo", got, ref):
             g, r = g.astype(jnp.float32), r.astype(jnp.float32)
@@ -133,44 +132,36 @@ def summarise_trace(path):
     return rows, {wg: statistics.mean(s) for wg, s in spans.items()}
 
 
-def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), space=128, **bwd_kw):
+def profile(mask_name, kernel="dkdv", seq=8192, heads=2, batch=1, ablate=(), space=128,
+            tuning=Tuning(), **bwd_kw):
     """Run `kernel` ("fwd", "dq" or "dkdv") once with Mosaic GPU's in-kernel profiler on;
     returns summarise_trace of its trace."""
     q, k, v, do = inputs(batch, seq, heads)
     mask = bench_mask(mask_name, batch, seq)
-    out, lse = jax.jit(lambda q, k, v: fa.flash_attention_fwd(q, k, v, mask))(q, k, v)
+    out, lse = jax.jit(lambda q, k, v: flash_attention_fwd(q, k, v, mask, tuning=tuning))(q, k, v)
     prof = os.path.join("/tmp/probe_traces", f"prof_{kernel}_{mask_name}")  # traces are large
     os.makedirs(prof, exist_ok=True)
-    saved = fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE, fa._ABLATE
-    fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE = prof, kernel, space
-    fa._ABLATE = frozenset(ablate)
-    try:
-        if kernel == "fwd":
-            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_fwd(q, k, v, mask))
-        else:
-            f = jax.jit(lambda q, k, v, out, lse, do: fa.flash_attention_bwd(q, k, v, mask, out, lse, do,
-                                                                             **bwd_kw))
-        jax.block_until_ready(f(q, k, v, out, lse, do))
-    finally:
-        fa._PROFILE_DIR, fa._PROFILE_KERNEL, fa._PROFILE_SPACE, fa._ABLATE = saved
+    profiled = dataclasses.replace(tuning, profile_dir=prof, profile_kernel=kernel,
+                                   profile_space=space, ablate=tuning.ablate | frozenset(ablate))
+    if kernel == "fwd":
+        f = jax.jit(lambda q, k, v, out, lse, do: flash_attention_fwd(q, k, v, mask, tuning=profiled))
+    else:
+        f = jax.jit(lambda q, k, v, out, lse, do: flash_attention_bwd(q, k, v, mask, out, lse, do,
+                                                                      tuning=profiled, **bwd_kw))
+    jax.block_until_ready(f(q, k, v, out, lse, do))
     files = sorted(glob.glob(os.path.join(prof, "*.json")), key=os.path.getmtime)
     return summarise_trace(files[-1]) if files else ([], {})
 
 
-def apply(variant):
-    """'name:attr=value;attr=value' -> sets fa.<attr> (values are Python literals), except
-    `deterministic`, returned as a keyword for the backward. Returns (name, saved, bwd_kw)."""
-    import ast
+def parse_variant(variant):
+    """'name:field=value;field=value' -> (name, Tuning with those fields, bwd_kw). Values are
+    Python literals; `deterministic` is not a Tuning field but a keyword of the backward."""
     name, _, assigns = variant.partition(":")
-    saved, bwd_kw = {}, {}
+    fields, bwd_kw = {}, {}
     for a in filter(None, assigns.split(";")):
-        attr, _, val = a.partition("=")
-        if attr == "deterministic":
-            bwd_kw[attr] = ast.literal_eval(val)
-            continue
-        saved[attr] = getattr(fa, attr)
-        setattr(fa, attr, ast.literal_eval(val))
-    return name, saved, bwd_kw
+        field, _, val = a.partition("=")
+        (bwd_kw if field == "deterministic" else fields)[field] = ast.literal_eval(val)
+    return name, Tuning(**fields), bwd_kw
 
 
 def main():
@@ -180,7 +171,7 @@ def main():
     p.add_argument("--batch", type=int, default=0, help="sequences (default: 64K tokens)")
     p.add_argument("--masks", default="causal")
     p.add_argument("--ablations", default="none")
-    p.add_argument("--variants", default="base:", help="'|'-separated name:attr=value;...")
+    p.add_argument("--variants", default="base:", help="'|'-separated name:field=value;... (Tuning fields, deterministic)")
     p.add_argument("--check", action="store_true", help="check gradients of every variant")
     p.add_argument("--profile", default="", help="masks to profile ('' = none)")
     p.add_argument("--profile-ablate", default="none", help="ablations to profile with")
@@ -197,9 +188,10 @@ def main():
     q, k, v, do = inputs(batch, args.seq, 16)
     table = []
     for variant in args.variants.split("|"):
-        vname, saved, bwd_kw = apply(variant)
+        vname = variant.partition(":")[0]
         try:
-            err = check_grads(**bwd_kw) if args.check else float("nan")
+            vname, tuning, bwd_kw = parse_variant(variant)
+            err = check_grads(tuning=tuning, **bwd_kw) if args.check else float("nan")
             if args.check:
                 emit(dict(variant=vname, max_rel_err=err))
             for name in args.masks.split(","):
@@ -207,13 +199,13 @@ def main():
                 flops = float(allowed_flops(mask, batch, args.seq, args.seq, 16, 128))
                 for cfg in (args.fwd_configs.split(";") if args.fwd else []):
                     bk, stages, *ctas = map(int, cfg.split(","))
-                    ms = time_fwd(q, k, v, mask, block_kv=bk, num_stages=stages,
-                                  num_ctas=ctas[0] if ctas else None)
+                    ms = time_fwd(q, k, v, mask, dataclasses.replace(
+                        tuning, block_kv=bk, num_stages=stages, num_ctas=ctas[0] if ctas else None))
                     table.append((vname, name, "fwd", f"bk{bk} st{stages}" + (f" ctas{ctas[0]}" if ctas else ""), ms, flops / ms / 1e9, err))
                     emit(dict(variant=vname, mask=name, mode="fwd", block_kv=bk, stages=stages, ms=ms))
                 for ab in filter(None, args.ablations.split(",")):
                     ablate = () if ab == "none" else tuple(ab.split("+"))
-                    ms = time_bwd(q, k, v, do, mask, ablate, **bwd_kw)
+                    ms = time_bwd(q, k, v, do, mask, ablate, tuning, **bwd_kw)
                     table.append((vname, name, "bwd", ab, ms, 2.5 * flops / ms / 1e9, err))
                     emit(dict(variant=vname, mask=name, mode="bwd", ablate=ab, ms=ms))
             for name, ab in [(n, a) for n in filter(None, args.profile.split(","))
@@ -221,7 +213,8 @@ def main():
                 ablate = () if ab == "none" else tuple(ab.split("+"))
                 pb, ph = map(int, args.profile_shape.split(","))
                 rows, spans = profile(name, args.profile_kernel, seq=args.seq, batch=pb, heads=ph,
-                                      ablate=ablate, space=args.profile_space, **bwd_kw)
+                                      ablate=ablate, space=args.profile_space, tuning=tuning,
+                                      **bwd_kw)
                 for r in rows:
                     emit(dict(variant=vname, profile=name, ablate=ab, **r))
                 print(f"\nprofile {args.profile_kernel} {vname} {name} ablate={ab} (S={args.seq}, "
@@ -233,9 +226,6 @@ def main():
         except Exception as e:  # one variant failing must not stop the others
             emit(dict(variant=vname, error=f"{type(e).__name__}: {str(e)[:2000]}"))
             table.append((vname, "-", "-", "error", float("nan"), float("nan"), float("nan")))
-        finally:
-            for attr, val in saved.items():
-                setattr(fa, attr, val)
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, S={args.seq}, B={batch}, H=16, D=128")
     print("| variant | mask | mode | ablation | ms | TFLOP/s (allowed area) | max rel err |")
     for row in table:

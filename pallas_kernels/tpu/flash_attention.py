@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.mask import EMPTY, FULL, PARTIAL, MaskSpec, classify_tiles
+from pallas_kernels.operands import mask_operands
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -93,13 +94,12 @@ def _default_interpret(interpret):
 
 
 class KernelMask(NamedTuple):
-    """The mask reduced to what the kernels test, padded to the block grid (int32).
+    """`operands.MaskOperands` as the kernels take it (int32, padded to the block grid):
 
     allowed(i, j) = k_pos[j] <= q_hi[i]                         (causal)
                     and (k_pos[j] < sinks or (k_pos[j] >= q_lo[i] and k_seg[j] == q_seg[i]))
-    q_lo folds the window (q - w + 1) and chunk (floor(q / c) * c) lower bounds; q_seg is -1
-    for padding tokens (segment 0), so equality also enforces "not padding". A None field is
-    a term that is not configured.
+
+    A None field is a term that is not configured (q_hi: not causal; k_pos: no term reads it).
     """
 
     q_hi: jax.Array | None  # [B, Tp]
@@ -110,41 +110,19 @@ class KernelMask(NamedTuple):
     sinks: jax.Array | None  # [1]
 
 
-def _pad_edge(x, pad):
-    # Edge padding keeps the per-block min/max of the last block, so classification of the
-    # real part is unchanged; the padded keys are masked by index in the kernel.
-    return x if x is None or pad == 0 else jnp.pad(x, ((0, 0), (0, pad)), mode="edge")
-
-
 def prepare_mask(mask: MaskSpec, batch: int, q_len: int, kv_len: int, block_q: int, block_kv: int):
     """-> (KernelMask, tiles [B, Tp/bq, Sp/bk] int32 EMPTY/PARTIAL/FULL). Runs inside jit."""
     if not isinstance(mask, MaskSpec):
         raise TypeError(f"flash_attention: mask must be a pallas_kernels.mask.MaskSpec, got {type(mask).__name__}.")
-    m = mask.resolved(batch, q_len, kv_len)
-    pad_q, pad_k = (-q_len) % block_q, (-kv_len) % block_kv
-    m = m.replace(q_token_index=_pad_edge(m.q_token_index, pad_q), kv_token_index=_pad_edge(m.kv_token_index, pad_k),
-                  q_segment_ids=_pad_edge(m.q_segment_ids, pad_q), kv_segment_ids=_pad_edge(m.kv_segment_ids, pad_k))
-    tiles = classify_tiles(m, batch, q_len + pad_q, kv_len + pad_k, block_q, block_kv)
-    if pad_k:  # the last k-block holds padding: never FULL, so the kernel masks it
+    q_pad, kv_pad = q_len + (-q_len) % block_q, kv_len + (-kv_len) % block_kv
+    ops = mask_operands(mask, batch, q_len, kv_len, q_pad, kv_pad)
+    tiles = classify_tiles(ops.padded, batch, q_pad, kv_pad, block_q, block_kv)
+    if kv_pad > kv_len:  # the last k-block holds padding: never FULL, so the kernel masks it
         tiles = tiles.at[:, :, -1].set(jnp.minimum(tiles[:, :, -1], PARTIAL))
-
-    q_pos, k_pos = m.q_token_index, m.kv_token_index
-    q_lo = None
-    if m.window is not None:
-        q_lo = q_pos - jnp.asarray(m.window, jnp.int32) + 1
-    if m.chunk is not None:
-        chunk = jnp.asarray(m.chunk, jnp.int32)
-        start = (q_pos // chunk) * chunk
-        q_lo = start if q_lo is None else jnp.maximum(q_lo, start)
-    q_seg = k_seg = None
-    if m.has_segments:
-        q_seg, k_seg = jnp.where(m.q_segment_ids == 0, -1, m.q_segment_ids), m.kv_segment_ids
-    has_body = q_lo is not None or q_seg is not None
-    static_zero = isinstance(m.sinks, int) and m.sinks == 0
-    sinks = jnp.asarray(m.sinks, jnp.int32).reshape(1) if has_body and not static_zero else None
-    needs_k_pos = m.causal or q_lo is not None or sinks is not None
-    kernel_mask = KernelMask(q_hi=q_pos if m.causal else None, q_lo=q_lo, q_seg=q_seg,
-                             k_pos=k_pos if needs_k_pos else None, k_seg=k_seg, sinks=sinks)
+    causal = ops.padded.causal
+    needs_k_pos = causal or ops.q_lo is not None or ops.sinks is not None
+    kernel_mask = KernelMask(q_hi=ops.q_pos if causal else None, q_lo=ops.q_lo, q_seg=ops.q_seg,
+                             k_pos=ops.k_pos if needs_k_pos else None, k_seg=ops.k_seg, sinks=ops.sinks)
     return kernel_mask, tiles
 
 
