@@ -1,9 +1,15 @@
 """Test setup: 8 simulated CPU devices, set before JAX is first imported."""
 import os
+import shutil
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# Without a GPU, run on the CPU only: with libtpu installed (for compiling against TPU
+# topologies), JAX would otherwise probe for a TPU and log its failure in every process.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
 

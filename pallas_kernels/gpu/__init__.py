@@ -27,6 +27,7 @@ from pallas_kernels.gpu.api import (  # noqa: F401
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,
+    kernel_path,
 )
 from pallas_kernels.gpu.common import (  # noqa: F401
     ABLATIONS,

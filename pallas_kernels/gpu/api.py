@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu.backward import dkdv_call, dq_call
 from pallas_kernels.gpu.common import (
-    BWD_BK, DQ_BK, FWD_BQ, LOG2E, ROWS, StaticSpec, Tuning, backward_lists, forward_lists)
+    BWD_BK, DQ_BK, FWD_BQ, LOG2E, ROWS, StaticSpec, Tuning, backward_lists, forward_lists, items_grid)
 from pallas_kernels.gpu.forward import forward_call
 from pallas_kernels.mask import MaskSpec
 from pallas_kernels.operands import mask_operands
@@ -179,3 +179,18 @@ def flash_attention(q, k, v, mask: MaskSpec | None = None, *, scale: float | Non
     st, mask_parts = setup(q, k, mask, scale, tuning, deterministic)
     out, lse = _attention(q, k, v, mask_parts, st)
     return (out, lse) if return_lse else out
+
+
+def kernel_path(*, causal: bool, has_lo: bool, has_seg: bool, kv_len: int, deterministic: bool = True,
+                tuning: Tuning = Tuning()) -> str:
+    """Which forward grid and backward a mask of this kind takes (for start-up logs): the same
+    rules the kernels apply (`items_grid`, `fused_backward`)."""
+    mult = max(tuning.block_kv, BWD_BK)
+    st = StaticSpec(causal=causal, has_lo=has_lo, has_seg=has_seg, has_sinks=False, q_len=kv_len, kv_len=kv_len,
+                    q_pad=-(-kv_len // FWD_BQ) * FWD_BQ, kv_pad=-(-kv_len // mult) * mult, scale=1.0,
+                    tuning=tuning, deterministic=deterministic)
+    total = 1 << 30  # more items than SMs: the grid rule then depends on the mask alone
+    grid = "one CTA per query block" if items_grid(st, total) == total else "persistent, one CTA per SM"
+    backward = ("fused dK/dV+dQ (float32 reduce-add)" if fused_backward(st)
+                else "two kernels, dK/dV then dQ (deterministic)")
+    return f"pallas_gpu forward grid: {grid}; backward: {backward}"
