@@ -126,8 +126,7 @@ def layouts(ring):
 # `ulysses` for hybrid. HQ=8, HKV=2: ulysses over context 4 with tensor 2 has 1 local kv head
 # for 4 devices (repeated 4x); hybrid with ulysses 2 splits the 2 kv heads without copies (the
 # static-terms test repeats 1 kv head). Hybrid's zigzag is over its ring (context) size.
-REFERENCE_CASES = [
-    ("ring", (1, 1, 1, 8)),
+REFERENCE_CASES = [  # the ring of 8: test_window_aware_ring_traced_window
     ("ring", (2, 1, 1, 4)),  # through the abstract mesh of `jax.set_mesh`, as the dispatcher does
     ("all_gather", (1, 1, 2, 4)),
     ("ulysses", (1, 1, 2, 4)),
@@ -235,19 +234,19 @@ TRACED_WINDOW_CASES = [
     ("window 40: wider than the ladder", dict(documents=False, window=40, chunk=T, sinks=0), ("full", 0)),
     ("traced sinks: full ring", dict(documents=False, window=5, chunk=T, sinks=2), ("full", 0)),
     ("global", dict(documents=True, window=T, chunk=T, sinks=0), ("full", 0)),
-]
+] + [(name, case, ("full", 0)) for name, case in MASK_CASES.items()]  # all wider than the ladder at R = 8
 # On contiguous shards (16 tokens) only these look-backs stay inside what a zigzag plan delivers.
 CONTIGUOUS_BRANCH = {"chunk 16: aligned to pieces": ("halo", 2)}
 
 
 def test_window_aware_ring_traced_window(ring_branches):
-    """One compilation, traced window / chunk / sinks (a SkyLadder schedule): each value picks
-    the smallest compiled halo plan that covers it, or the full ring, and matches the reference;
-    the contiguous layout takes the full ring whenever a key outside the zigzag plan is visible.
-    The mesh has Explicit axes (jax.make_mesh's default)."""
+    """The ring of 8, one compilation, traced window / chunk / sinks (a SkyLadder schedule):
+    each value picks the smallest compiled halo plan that covers it, or the full ring, and
+    matches the reference; the contiguous layout takes the full ring whenever a key outside
+    the zigzag plan is visible."""
     rng = np.random.default_rng(11)
-    mesh = jax.make_mesh((1, 8), ("data", "context"))
-    loss = cp_loss_fn(mesh, "ring", batch_axes=("data",), head_axis=None, context_axis="context")
+    mesh = make_mesh((1, 1, 1, 8))
+    loss = cp_loss_fn(mesh, "ring", **AXIS_NAMES)
     cp = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     for layout, order in layouts(8).items():
         for name, case, branch in TRACED_WINDOW_CASES:
@@ -259,32 +258,23 @@ def test_window_aware_ring_traced_window(ring_branches):
             assert ring_branches() == expected, (layout, name)
 
 
-# (name, static window, chunk, sinks, documents, branch on zigzag, branch on contiguous)
-STATIC_WINDOW_CASES = [
-    ("window 12 + 3 sinks, documents", 12, None, 3, True, ("halo", 5), ("full", 0)),
-    # Contiguous shards of 16 are the chunks themselves: nothing outside a shard is visible.
-    ("chunk 16", None, 16, 0, False, ("halo", 2), ("halo", 2)),
-]
-
-
-@pytest.mark.parametrize("name, window, chunk, sinks, docs, zigzag_branch, contiguous_branch", STATIC_WINDOW_CASES,
-                         ids=[c[0] for c in STATIC_WINDOW_CASES])
-def test_window_aware_ring_static_window(ring_branches, name, window, chunk, sinks, docs, zigzag_branch,
-                                         contiguous_branch):
-    """Python-int window / chunk / sinks (local layers): the plan is made at trace time. Sinks
-    travel as an extra piece; a layout the plan does not cover is detected and takes the full ring."""
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
+def test_window_aware_ring_static_window(ring_branches):
+    """Python-int window 12, chunk 16 and 3 sinks, with documents (a local layer): the plan is
+    made at trace time, the sinks travel as an extra piece. Contiguous shards of 16 tokens are
+    the chunks themselves, so there too only the sinks come from outside and the plan covers
+    them. The mesh has Explicit axes (jax.make_mesh's default)."""
+    window, chunk, sinks = 12, 16, 3
+    rng = np.random.default_rng(5)
     mesh = jax.make_mesh((1, 8), ("data", "context"))
     loss = cp_loss_fn(mesh, "ring", batch_axes=("data",), head_axis=None, context_axis="context")
     cp = jax.jit(jax.value_and_grad(lambda q, k, v, w, seg, order, *_: loss(q, k, v, w, seg, order, window, chunk, sinks),
                                     argnums=(0, 1, 2), has_aux=True))
-    scalars = (np.int32(window or T), np.int32(chunk or T), np.int32(sinks))  # the same terms, for the reference
-    for (layout, order), branch in zip(layouts(8).items(), (zigzag_branch, contiguous_branch)):
+    scalars = (np.int32(window), np.int32(chunk), np.int32(sinks))  # the same terms, for the reference
+    for layout, order in layouts(8).items():
         q, k, v, w = inputs(rng)
-        seg = documents(rng, B, T) if docs else np.ones((B, T), np.int32)
-        check_against_reference(cp, (q, k, v, w, seg), order, scalars, f"{layout}, {name}",
-                                dict(documents=docs, sinks=sinks))
-        assert ring_branches() == branch, layout
+        check_against_reference(cp, (q, k, v, w, documents(rng, B, T)), order, scalars, layout,
+                                dict(documents=True, sinks=sinks))
+        assert ring_branches() == ("halo", 2), layout
 
 
 def test_halo_plan_is_exact():

@@ -282,8 +282,7 @@ def _match_specs(mesh, tree, specs):
     reshard them (a no-op for inputs that are). Auto axes need nothing."""
     if jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
         return tree
-    return jax.tree.map(lambda x, spec: jax.reshard(x, jax.sharding.NamedSharding(mesh, spec)), tree, specs,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(lambda x, spec: jax.reshard(x, jax.sharding.NamedSharding(mesh, spec)), tree, specs)
 
 
 def _strategy_halves(strategy: str):
@@ -559,8 +558,10 @@ def _may_see(q_span, k_span, window, chunk) -> bool:
 def _halo_plan(ring_size: int, piece_len: int, window, chunk, sink_rows: int) -> _HaloPlan:
     """Plan for a causal self-attention whose keys are in zigzag order: rank r holds natural
     chunks r and 2R-1-r, each one piece."""
-    span = lambda rank, piece: ((c := rank if piece == 0 else 2 * ring_size - 1 - rank) * piece_len,
-                                (c + 1) * piece_len - 1)
+    def span(rank, piece):  # first and last position of a piece
+        chunk_index = rank if piece == 0 else 2 * ring_size - 1 - rank
+        return chunk_index * piece_len, (chunk_index + 1) * piece_len - 1
+
     needs = lambda dst, src, piece: src != dst and any(
         _may_see(span(dst, q_piece), span(src, piece), window, chunk) for q_piece in (0, 1))
     groups = {}  # (piece, dst - src) -> pairs: one source and one destination per rank, a valid ppermute
@@ -593,12 +594,12 @@ def _halo_plans(setup: _Setup, q_len: int, kv_len: int) -> tuple:
         bounds = [(static.get("window"), static.get("chunk"))]  # a traced term can only shrink the mask
     elif {"window", "chunk"} & set(setup.traced_names):
         # The ladder for traced look-backs: 1, 2, 4, ... pieces back.
-        bounds = [(pieces * piece_len + 1, None) for pieces in 2 ** np.arange(int(np.log2(2 * ring)) + 1)]
+        bounds = [(2 ** i * piece_len + 1, None) for i in range(int(math.log2(2 * ring)) + 1)]
     else:
         return ()
     plans = []
     for window, chunk in bounds:
-        plan = _halo_plan(ring, piece_len, None if window is None else int(window), chunk, sink_rows)
+        plan = _halo_plan(ring, piece_len, window, chunk, sink_rows)
         if plan.most_pieces < 2 * (ring - 1) and plan.num_pieces <= ring and plan not in plans:
             plans.append(plan)
     return tuple(plans)
