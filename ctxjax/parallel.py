@@ -28,7 +28,6 @@ from ctxjax.attention.context_parallel import context_parallel_attention, zigzag
 from ctxjax.model.config import ModelConfig
 from pallas_kernels.mask import MaskSpec
 
-SAVED_ATTENTION = ("attention_out", "attention_lse")  # residual names the 'save_attention' policy keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ class Plan:
         if self.remat == "full":
             return policies.nothing_saveable
         if self.remat == "save_attention":
-            return policies.save_only_these_names(*SAVED_ATTENTION)
+            return policies.save_only_these_names(*backends_lib.RESIDUAL_NAMES)
         if self.remat == "offload" and self.platform != "cpu":
             return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
         return policies.checkpoint_dots_with_no_batch_dims  # save_matmuls (offload on CPU: host = device memory)
@@ -148,7 +147,7 @@ def _with_saved_residuals(forward, backward):
 
     def attend_fwd(q, k, v, arrays):
         out, lse = forward(q, k, v, arrays)
-        out, lse = checkpoint_name(out, SAVED_ATTENTION[0]), checkpoint_name(lse, SAVED_ATTENTION[1])
+        out, lse = checkpoint_name(out, backends_lib.RESIDUAL_NAMES[0]), checkpoint_name(lse, backends_lib.RESIDUAL_NAMES[1])
         return out, (q, k, v, arrays, out, lse)
 
     def attend_bwd(residuals, dout):
@@ -168,8 +167,7 @@ def make_attention(functions: backends_lib.Functions, backend: backends_lib.Back
         def attention(q, k, v, mask: MaskSpec):
             b, t, s = q.shape[0], q.shape[1], k.shape[1]
             return context_parallel_attention(q, k, v, mask.resolved(b, t, s), mesh=mesh, strategy=strategy,
-                                              local_fwd=functions.forward, local_bwd=functions.backward,
-                                              **{k: a for k, a in axes.items() if k != "ulysses_axis" or a})
+                                              local_fwd=functions.forward, local_bwd=functions.backward, **axes)
         return attention
 
     batch = axes["batch_axes"] or None

@@ -48,11 +48,16 @@ def single_device_result():
     return cfg, params, axes, batch, window, loss, grads
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 1, 1, 4)])
-def test_sharded_loss_and_grads_equal_single_device(shape, single_device_result):
+@pytest.mark.parametrize("shape, strategy", [
+    ((8, 1, 1, 1), "ring"), ((2, 2, 2, 1), "ring"), ((1, 4, 2, 1), "ring"), ((2, 1, 1, 4), "ring"),
+    ((1, 2, 1, 4), "all_gather"), ((2, 1, 1, 4), "ulysses"), ((1, 2, 1, 2, 2), "hybrid")])
+def test_sharded_loss_and_grads_equal_single_device(shape, strategy, single_device_result):
+    """The model (local and global layers, documents, a sink, GQA 4/2, a SkyLadder chunk) with
+    every context-parallel strategy; Ulysses over 4 devices repeats the 2 kv heads."""
     cfg, params, axes, batch, window, want_loss, want_grads = single_device_result
     config = tiny_config()
     config.mesh.update(dict(zip(mesh_lib.MESH_AXES, shape)))
+    config.parallel.context_strategy = strategy
     mesh = mesh_lib.make_mesh(config.mesh)
     plan = parallel.make_plan(config, mesh)
     graphdef = nnx.graphdef(abstract_model(cfg, attention=plan.attention))

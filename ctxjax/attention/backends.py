@@ -26,6 +26,9 @@ import jax.numpy as jnp
 from pallas_kernels.mask import MaskSpec
 
 TERMS = frozenset({"documents", "window", "chunk", "sinks", "traced", "positions"})
+# Names of attention's residuals (output and logsumexp) in every custom VJP that wraps a backend:
+# the 'save_attention' remat policy keeps them, so the backward never reruns the forward.
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
 
 
 class Functions(NamedTuple):

@@ -70,8 +70,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from ctxjax.attention.backends import RESIDUAL_NAMES
 from pallas_kernels.mask import EMPTY, MaskSpec, classify_tiles
 
 STRATEGIES = ("ring", "all_gather", "ulysses", "hybrid")
@@ -262,7 +264,8 @@ def context_parallel_attention(q, k, v, mask: MaskSpec | None = None, *, mesh, s
 
     def attend_fwd(*args):
         out, lse = sharded_fwd(*args)
-        return (out, lse), (*args, out, lse)
+        saved = tuple(checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
+        return (out, lse), (*args, *saved)
 
     def attend_bwd(residuals, cotangents):
         dout, _ = cotangents  # lse is stop_gradient-ed below, so its cotangent is zero
