@@ -9,10 +9,12 @@ and the first config is kept as WORKDIR/config.original.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
 import os
 import shutil
+import sys
 import time
 
 import grain
@@ -159,12 +161,48 @@ def _read_only(directory: str) -> ocp.CheckpointManager:
         absl_logger.setLevel(level)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _free_bytes(directory: str) -> float:
+    """Free space where `directory` is (infinite for paths that are not local, e.g. gs://)."""
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return float("inf")
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Discard what is written to file descriptor 2 (also from C++ threads) for a moment."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class _QuietOrbaxErrors(py_logging.Filter):
-    """Orbax logs a failed background save from each of its threads with a traceback (hundreds
-    of lines); the error itself reaches the Checkpointer, which reports it once."""
+    """Orbax logs a failed background save from each of its threads with a traceback, and
+    asyncio logs each of its writes' unretrieved exceptions (hundreds of lines); the error
+    itself reaches the Checkpointer, which reports it once."""
 
     def filter(self, record):
-        return not (record.levelno >= py_logging.ERROR and "orbax" in record.pathname)
+        orbax = record.levelno >= py_logging.ERROR and "orbax" in record.pathname
+        return not (orbax or "exception was never retrieved" in record.getMessage())
+
+    def install(self):
+        for name in ("absl", "asyncio"):
+            py_logging.getLogger(name).addFilter(self)
+
+    def remove(self):
+        for name in ("absl", "asyncio"):
+            py_logging.getLogger(name).removeFilter(self)
 
 
 class Checkpointer:
@@ -177,27 +215,36 @@ class Checkpointer:
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.quiet = _QuietOrbaxErrors()
-        py_logging.getLogger("absl").addFilter(self.quiet)
+        self.quiet.install()
 
     def _failed(self, error: BaseException) -> CheckpointError:
         """One clear message for a save that failed (in the background or not)."""
         step, nbytes = self.pending or (None, 0)
         committed = [s for s in self.manager.all_steps() if s != step]
-        free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+        free = _free_bytes(self.directory)
         reason = str(error).split("\n")[0]
-        if "RESOURCE_EXHAUSTED" in reason or "No space left" in reason or "too large" in reason:
+        if any(s in reason for s in ("RESOURCE_EXHAUSTED", "No space left", "too large", "not enough free space")):
             reason = f"the disk is full ({reason[:200]})"
         kept = (f"the previous checkpoint, step {max(committed)}, is intact; rerun to resume from it"
                 if committed else "no earlier checkpoint exists")
         return CheckpointError(f"saving the checkpoint of step {step} to {self.directory} failed: {reason}. "
-                               f"It needs about {nbytes / 2**30:.2f} GiB; {free / 2**30:.2f} GiB are free there. "
+                               f"It needs up to {_size(nbytes)}; {_size(free)} are free there. "
                                f"{kept.capitalize()} after freeing space (or use a --workdir on a larger disk).")
 
     def _check(self, operation):
         try:
             return operation()
         except (ValueError, OSError, RuntimeError) as e:
-            raise self._failed(e) from None
+            error = self._failed(e)
+            # Let Orbax's background writers finish before the process exits. They fail the same
+            # way and print it (tensorstore's callbacks write to the stderr file descriptor
+            # directly); `error` says it once.
+            with _stderr_silenced():
+                try:
+                    self.manager.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            raise error from None
 
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -214,6 +261,8 @@ class Checkpointer:
         self._check(self.manager.wait_until_finished)  # a failure of the previous (async) save surfaces here
         nbytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state))) // jax.process_count()
         self.pending = (step, nbytes)
+        if _free_bytes(self.directory) < nbytes:  # uncompressed size: an upper bound; a local disk only
+            raise self._failed(OSError("not enough free space"))
         self._check(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
@@ -234,7 +283,7 @@ class Checkpointer:
             self._check(self.manager.wait_until_finished)
         finally:
             self.manager.close()
-            py_logging.getLogger("absl").removeFilter(self.quiet)
+            self.quiet.remove()
 
 
 def restore_params(path: str, abstract_params, step: int | None = None):

@@ -218,7 +218,7 @@ def get_config() -> ml_collections.ConfigDict:
         global_batch_size=8,  # rows per optimizer step, across all hosts
         steps=1000,  # optimizer steps
         seed=0,
-        vocab_chunk=8192,  # vocabulary chunk of the cross-entropy (memory vs. speed)
+        vocab_chunk=8192,  # vocabulary chunk of the cross-entropy (memory vs. speed); 0 = whole logits at once
         log_every=10,  # steps between metrics lines (metrics.jsonl, TensorBoard, progress bar)
         peak_tflops=0.0,  # per-device peak for MFU; 0 = look it up from the device kind
         plot=True,  # write loss/window PNG at the end

@@ -110,7 +110,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
     saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    assert len(saved) == 1 and 2 <= saved[0] < 100000 and "checkpoint saved" in out
+    assert len(saved) == 1 and 2 <= saved[0] < 100000 and "checkpoint saved" in out and "final:" not in out
     assert json.loads(open(metrics).readlines()[-1])["step"] <= saved[0]
 
 
@@ -168,19 +168,20 @@ def test_attended_pairs_matches_the_mask_algebra():
             assert got == float(allowed_pair_count(spec, b, t, t)), (window, chunk, sinks, documents)
 
 
-def test_chunked_cross_entropy_matches_float64():
+@pytest.mark.parametrize("vocab_chunk", [16, 0])  # chunks of the vocabulary, or the whole logits
+def test_chunked_cross_entropy_matches_float64(vocab_chunk):
     rng = np.random.default_rng()
     hidden, w = rng.standard_normal((2, 10, 16)), rng.standard_normal((16, 77)) * 0.3
     targets = rng.integers(0, 77, (2, 10))
     loss, lse = chunked_cross_entropy(jnp.asarray(hidden, jnp.float32), jnp.asarray(w, jnp.float32),
-                                      jnp.asarray(targets), vocab_chunk=16)
+                                      jnp.asarray(targets), vocab_chunk=vocab_chunk)
     logits = hidden @ w
     want_lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     want = want_lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
     grad = jax.grad(lambda h: chunked_cross_entropy(h, jnp.asarray(w, jnp.float32), jnp.asarray(targets),
-                                                    vocab_chunk=16)[0].sum())(jnp.asarray(hidden, jnp.float32))
+                                                    vocab_chunk=vocab_chunk)[0].sum())(jnp.asarray(hidden, jnp.float32))
     p = np.exp(logits - want_lse[..., None])
     p[np.arange(2)[:, None], np.arange(10)[None], targets] -= 1
     np.testing.assert_allclose(grad, p @ w.T, rtol=1e-4, atol=1e-6)

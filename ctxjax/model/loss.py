@@ -22,8 +22,15 @@ def next_token_targets(tokens, segment_ids):
 def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 8192):
     """Per-token (loss, logsumexp), float32 [B, T]; hidden [B, T, d], head_weight [d, V].
 
-    Peak memory is [B, T, vocab_chunk] instead of [B, T, V]."""
+    Peak memory is [B, T, vocab_chunk] instead of [B, T, V], for one more pass over the head
+    matmul in the backward (each chunk's logits are recomputed). `vocab_chunk=0` computes the
+    whole [B, T, V] logits in one matmul instead: faster where the memory is there."""
     d, vocab = head_weight.shape
+    if vocab_chunk <= 0 or vocab_chunk >= vocab:
+        logits = jnp.einsum("btd,dv->btv", hidden, head_weight.astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
     vocab_chunk = min(vocab_chunk, vocab)
     pad = (-vocab) % vocab_chunk
     w = jnp.pad(head_weight, ((0, 0), (0, pad))).astype(hidden.dtype)
