@@ -7,6 +7,7 @@ setup(
     description="Long-context LM pretraining and extension in JAX: SkyLadder, document masks, "
     "RoPE extension, context parallelism, Pallas attention kernels.",
     packages=find_packages(include=["ctxjax", "ctxjax.*", "pallas_kernels", "pallas_kernels.*", "configs"]),
+    license="MIT",
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.12",  # tested on 0.10.2 (Python 3.11) and 0.11.x (Python 3.12)
@@ -23,10 +24,12 @@ setup(
         "pyarrow",
         "tqdm",
         "tensorboardX",
+        "tensorboard",  # to read the runs' logs: tensorboard --logdir WORKDIR/tensorboard
         "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         "hf": ["transformers>=5", "torch", "safetensors"],
+        "wandb": ["wandb"],
     },
 )

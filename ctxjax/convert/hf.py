@@ -73,6 +73,17 @@ class ConversionError(ValueError):
         super().__init__(f"cannot {what}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+def _require_hf(what: str):
+    """torch and transformers, or one clear error naming the install line."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise ConversionError(what, [f"{e.name} is not installed; install the Hugging Face extra: "
+                                     f"pip install -e \".[hf]\" (a CPU build of torch is enough: "
+                                     f"pip install torch --index-url https://download.pytorch.org/whl/cpu)"]) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Tensor layouts
 # ----------------------------------------------------------------------------------------------
@@ -448,6 +459,7 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None, dtype: str
     directory that `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads: config.json,
     model.safetensors (sharded with an index above `max_shard_size`), generation_config.json and
     the tokenizer files. Returns the absolute path of `out_dir`."""
+    _require_hf("export to Hugging Face")
     import torch
     import transformers
     from huggingface_hub import save_torch_state_dict
@@ -536,6 +548,7 @@ def import_hf(hf_dir: str, workdir: str, *, base_config=None, overwrite: bool = 
     checkpoint.init_from = WORKDIR), checkpoints/0 with the params, and the tokenizer files
     under WORKDIR/tokenizer/ (config.data.tokenizer points there). Start training from it with
     `--config.checkpoint.init_from=WORKDIR`; `ctxjax.load_model(WORKDIR)` loads it."""
+    _require_hf("import from Hugging Face")
     import transformers
 
     from ctxjax.config import validate_config
