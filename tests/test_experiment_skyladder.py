@@ -69,7 +69,7 @@ def test_arm_configs_differ_in_the_skyladder_section_alone():
     assert 50e6 <= params <= 150e6
 
 
-@pytest.mark.slow  # about 60-80 s on 2 CPU cores: three compiles of the train step
+@pytest.mark.slow  # 49-80 s on 2 shared CPU cores (three compiles of the train step)
 def test_smoke_run_writes_every_output(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
