@@ -16,8 +16,9 @@ Choices:
   GPU machine and make 8K tokens 8K bytes of code. Head dim 64 takes the Hopper kernel.
 - At 8K, attention is 44% of the training FLOPs here (362 of 817 MFLOP per token with this
   corpus's documents, measured with ctxjax.metrics.step_flops), so a short window saves time.
-- Batch: 16 rows x 8K = 128K tokens per step. A ~4-minute arm on an H200 sees roughly
-  50-100M tokens, i.e. some 400-800 steps; a larger batch would leave too few steps.
+- Batch: 16 rows x 8K = 128K tokens per step. An arm of 2-4 minutes on an H200 (at an estimated
+  0.3-0.5M tokens/s) sees some 40-120M tokens, i.e. 300-900 steps; a larger batch would leave
+  too few steps for the window to climb smoothly.
 - remat 'none': nothing is recomputed. XLA's memory analysis of this step compiled for the CPU
   gives 45 KB per token and layer, i.e. about 70 GB of activations for 128K tokens x 12 layers,
   within an H200's 139 GiB (the experiment lets JAX take 92% of it instead of the default 75%).
