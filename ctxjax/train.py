@@ -155,6 +155,7 @@ class CompiledStep:
 
     def __init__(self, jitted):
         self.jitted, self.executables = jitted, {}
+        self.compile_seconds = 0.0  # spent compiling so far
 
     def __call__(self, params, opt_state, batch, step, window):
         key = (batch["tokens"].shape, window is None)
@@ -165,6 +166,7 @@ class CompiledStep:
                       f"{'' if window is None else ' with a window'}...", flush=True)
             start = time.perf_counter()
             self.executables[key] = self.jitted.lower(params, opt_state, batch, step, window).compile()
+            self.compile_seconds += time.perf_counter() - start
             if jax.process_index() == 0:
                 print(f"compiled in {time.perf_counter() - start:.1f} s; memory "
                       f"{metrics_lib.describe_memory(self.executables[key].memory_analysis())}", flush=True)
@@ -262,6 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         peak *= jax.local_device_count()  # FLOPs are counted on this host's rows
         progress = make_progress(step, total_steps)
         last, interval, t0 = {}, [], time.perf_counter()  # interval: this log period's steps
+        # elapsed_s: seconds of this invocation's training loop, compiling and evaluating left out
+        train_seconds, not_training, compiled = 0.0, 0.0, train_step.compile_seconds
         try:
             while step < total_steps:
                 host_batch = next(data)
@@ -278,11 +282,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 if step % config.train.log_every == 0 or step == total_steps:
                     steps = jax.device_get(interval)  # the only host sync of the loop
                     elapsed, t0, interval = time.perf_counter() - t0, time.perf_counter(), []
+                    train_seconds += elapsed - not_training - (train_step.compile_seconds - compiled)
+                    not_training, compiled = 0.0, train_step.compile_seconds
                     mean = lambda key: float(np.mean([m[key] for m, _, _ in steps]))
                     last = {"loss": mean("loss"), "lr": float(steps[-1][0]["lr"]), "grad_norm": mean("grad_norm"),
                             "tokens_per_s": sum(n for _, _, n in steps) / elapsed,
                             "mfu": sum(f for _, f, _ in steps) / elapsed / peak, "seq_len": seq_len,
-                            "window": seq_len if window is None else window}
+                            "window": seq_len if window is None else window, "elapsed_s": train_seconds}
                     if config.optim.z_loss:
                         last["z_loss"] = mean("z_loss")
                     writer.write(step, last)
@@ -290,7 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                                          window=last["window"], mfu=f"{last['mfu']:.3f}")
                 progress.update(1)
                 if config.eval.every and step % config.eval.every == 0 and step < total_steps:
+                    jax.block_until_ready(params)  # steps still in flight count as training
+                    eval_start = time.perf_counter()
                     writer.write(step, {"eval_loss": evaluate(params)})
+                    not_training += time.perf_counter() - eval_start
                 if checkpointer.should_save(step) and step < total_steps:
                     checkpointer.save(step, params, opt_state, data, config)
                 if stop.requested or checkpointer.reached_preemption(step) or step == stop_after:

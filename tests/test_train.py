@@ -119,8 +119,10 @@ def test_outputs_and_falling_loss(tmp_path):
     config = tiny_config(steps=12, **{"train.plot": True, "optim.lr": 3e-3})
     final = train.train_and_evaluate(config, workdir)
     rows = [r for r in read_metrics(workdir) if "loss" in r]
-    for key in ("step", "loss", "lr", "window", "tokens_per_s", "mfu"):
+    for key in ("step", "loss", "lr", "window", "tokens_per_s", "mfu", "elapsed_s"):
         assert key in rows[0]
+    elapsed = [r["elapsed_s"] for r in rows]  # training seconds, compiling left out: grows every step
+    assert 0 < elapsed[0] and all(a < b for a, b in zip(elapsed, elapsed[1:]))
     assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.5
     windows = [r["window"] for r in rows]
     assert windows == sorted(windows) and windows[0] < windows[-1] == 64  # SkyLadder climbs to L

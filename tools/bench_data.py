@@ -2,6 +2,7 @@
 
     python tools/bench_data.py                       # prints a table, appends it to docs/benchmarks.md
     python tools/bench_data.py --seconds 20 --worker_counts 0 2 --no_record
+    python tools/bench_data.py --source python_packages --bpe_vocab 0   # every .py file installed
 
 Rows: reading text (decode + tokenize online) and reading the pre-tokenized ArrayRecord corpus
 (built here first, timed too), each through packing, batching and the background prefetch the
@@ -89,14 +90,14 @@ def run_rows(args, workdir):
     tokenizers = {"byte": "byte"}
     if args.bpe_vocab:  # a BPE trained here on a quarter of the training documents
         tokenizers[f"BPE {args.bpe_vocab}"] = os.path.join(workdir, "bpe.json")
-        train = open_source(dict(kind="stdlib"), split="train", validation_fraction=0.05).docs
+        train = open_source(dict(kind=args.source), split="train", validation_fraction=0.05).docs
         sample = range(0, len(train), 4)
         train_bpe((train[i] for i in sample), args.bpe_vocab, tokenizers[f"BPE {args.bpe_vocab}"],
                   num_texts=len(sample), show_progress=False)
     corpora, builds = {}, []
-    for name, spec in tokenizers.items():  # the stdlib tokenized once into ArrayRecord, timed
-        texts, total, _ = iter_documents(dict(kind="stdlib"))
-        corpora[name] = os.path.join(workdir, f"stdlib_{name.split()[0].lower()}")
+    for name, spec in tokenizers.items():  # the source tokenized once into ArrayRecord, timed
+        texts, total, _ = iter_documents(dict(kind=args.source))
+        corpora[name] = os.path.join(workdir, f"{args.source}_{name.split()[0].lower()}")
         tok = make_tokenizer(ml_collections.ConfigDict(dict(tokenizer=spec)))
         meta = build_corpus(texts, tok, corpora[name], total=total, overwrite=True, progress=False)
         builds.append(f"{name} {meta['tokens'] / meta['seconds'] / 1e6:.1f}M tokens/s "
@@ -108,7 +109,7 @@ def run_rows(args, workdir):
     settings = []
     for name, spec in tokenizers.items():
         settings.append((f"ArrayRecord (pre-tokenized, {name})", dict(kind="arrayrecord", path=corpora[name]), spec))
-        settings.append((f"text (stdlib .py, {name} online)", dict(kind="stdlib"), spec))
+        settings.append((f"text ({args.source} .py, {name} online)", dict(kind=args.source), spec))
     for name, source, tokenizer in settings:
         for packing in args.packings:
             for workers in args.worker_counts:
@@ -124,6 +125,8 @@ def run_rows(args, workdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["stdlib", "python_packages"], default="stdlib",
+                        help="the documents: the standard library, or every .py file of this Python")
     parser.add_argument("--seq_len", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=16, help="global batch size (one host)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per row")
@@ -152,7 +155,7 @@ def main(argv=None):
         "",
         f"L={args.seq_len}, global batch {args.batch} ({args.seq_len * args.batch // 1024}K tokens/step), one host, "
         f"{args.seconds:g} s per row after 2 warm-up batches, prefetch=2. Corpus build (tools/build_corpus.py, "
-        f"stdlib -> ArrayRecord): {'; '.join(builds)}. Load average (1 min) "
+        f"{args.source} -> ArrayRecord): {'; '.join(builds)}. Load average (1 min) "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other work on the machine slows every row.",
         "",
         "| source | packing | worker_count | tokens/s | fill | first batch |",
