@@ -4,8 +4,8 @@ run time) on v5e, v5p and v6e, with fsdp only and with a context axis of 2 (ring
 TPU kernel inside it (shard_map over the mesh); splash; and the `python -m ctxjax.aot` pre-flight.
 
 Without libtpu these tests skip, and under CI=true they fail (tests/tpu_topology.py).
-Each compile takes 10-20 s of CPU (the whole file about 150 s of CPU on 2 cores), so there are
-few of them: each topology and each layout once, the Pallas TPU kernel on v5p both ways.
+Each compile takes 10-25 s on 2 cores (the whole file about 2 minutes when nothing else runs),
+so there are few: each topology and each layout once, the Pallas TPU kernel on v5p both ways.
 """
 import os
 import re
