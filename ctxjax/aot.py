@@ -286,7 +286,9 @@ def preflight(target: Target, *, hlo_dir: str = "", out=print) -> list[dict]:
         f"{target.peak / 1e12:.0f} TFLOP/s bf16, {target.bandwidth / 1e12:.2f} TB/s per chip; "
         f"JAX {jax.__version__}, libtpu {_libtpu_version()}")
     out("mesh: " + " ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1))
-    out(f"model: {model.param_count() / 1e9:.2f}B parameters, {model.n_layers} layers, d_model {model.d_model}, "
+    params = model.param_count()
+    out(f"model: {f'{params / 1e9:.2f}B' if params >= 1e9 else f'{params / 1e6:.1f}M'} parameters, "
+        f"{model.n_layers} layers, d_model {model.d_model}, "
         f"layer pattern {'/'.join(model.layer_pattern)}")
     for line in target.plan.describe(model, skyladder=bool(sky.enabled or sky.constant_window is not None),
                                      window_mask=sky.mask, seq_len=config.train.seq_len):
