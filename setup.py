@@ -31,5 +31,8 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         "hf": ["transformers>=5", "torch", "safetensors"],
         "wandb": ["wandb"],
+        # libtpu, at the version the installed jax pins (jax[tpu]'s own pin): on a TPU VM to
+        # train, on any host to compile for TPU topologies (python -m ctxjax.aot)
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
 )

@@ -1,5 +1,12 @@
-"""Llama-3-8B shapes at 128K context on a TPU v5p pod slice (e.g. v5p-256: 128 chips):
-fsdp x context mesh, ring attention with zigzag load balancing, Pallas TPU kernel.
+"""Llama-3-8B shapes at 128K context on a TPU v5p pod slice, v5p-256 (topology 4x4x8: 128
+chips, 32 hosts): fsdp 16 x context 8 mesh, ring attention with zigzag load balancing, Pallas
+TPU kernel.
+
+Pre-flight from any host first (compiles every program for the slice; pip install -e ".[tpu]"):
+
+    python -m ctxjax.aot --config=configs/llama3_8b_128k_tpu_v5p.py --topology=v5p:4x4x8
+
+then on every host of the slice:
 
     python -m ctxjax.train --config=configs/llama3_8b_128k_tpu_v5p.py --workdir=gs://bucket/run \
         --config.train.distributed=True
@@ -35,4 +42,5 @@ def get_config():
 
     config.checkpoint.every = 250
     config.checkpoint.keep = 2
+    config.eval.batch_size = 16  # one row per fsdp group, as in training (must split over fsdp 16)
     return config

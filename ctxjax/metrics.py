@@ -17,9 +17,10 @@ import numpy as np
 from ctxjax.model.config import ModelConfig, layer_masks_of
 from pallas_kernels.mask import count_allowed_pairs
 
-# bf16 dense peak per device (datasheets), by a substring of jax's device_kind
+# bf16 dense peak per device (datasheets), by a substring of jax's device_kind, first match
+# wins: a v5p reports "TPU v5" and a v5e "TPU v5 lite", so "v5 lite" comes before "v5".
 PEAK_BF16_TFLOPS = {"h100": 989, "h200": 989, "h800": 989, "gh200": 989, "a100": 312, "l4": 121,
-                    "v6": 918, "v5p": 459, "v5 lite": 197, "v5e": 197, "v4": 275}
+                    "v6": 918, "v5p": 459, "v5 lite": 197, "v5e": 197, "v5": 459, "v4": 275}
 CPU_PEAK_FLOPS_PER_CORE = 100e9  # a nominal figure, so MFU on a laptop is a number, not a claim
 
 

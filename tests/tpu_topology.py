@@ -1,8 +1,8 @@
 """Compile for a real TPU topology on a machine without TPUs (ahead-of-time, nothing runs).
 
 `tpu_topology` is a pytest fixture: use it as an argument, or call `tpu_topology_desc(name)`.
-It needs libtpu (`pip install "jax[tpu]"`); without it the test is skipped, except under
-CI=true, where it fails so a missing install cannot pass unseen.
+It needs libtpu (`pip install -e ".[tpu]"`: jax[tpu] at the installed jax); without it the
+test is skipped, except under CI=true, where it fails so a missing install cannot pass unseen.
 
 libtpu holds a lock file (/tmp/libtpu_lockfile) for the process that opens it. Compiling
 touches no chip, so ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets a test compile while another process
@@ -22,7 +22,7 @@ def tpu_topology_desc(name: str = "v5e:2x2"):
     """The TopologyDescription of `name` (e.g. "v5e:2x2", "v5p:2x2x1"), or skip / fail."""
     if importlib.util.find_spec("libtpu") is None:
         message = ("libtpu is not installed, so the TPU compiler is missing; "
-                   "install it with pip install 'jax[tpu]' (the same version as jax).")
+                   "install it with pip install -e '.[tpu]' (jax[tpu]'s libtpu for the installed jax).")
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
