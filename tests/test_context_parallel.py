@@ -323,11 +323,11 @@ def test_window_aware_ring_traffic():
     order = zigzag_order(t, ring)
     piece = t // (2 * ring)
 
-    def compiled_permutes(window):
+    def compiled_permutes(window, window_aware=True):
         mask = MaskSpec(q_token_index=order, kv_token_index=order, window=window)
         loss = lambda q, k, v, w: jnp.sum(w * context_parallel_attention(
             q, k, v, mask, mesh=mesh, strategy="ring", batch_axes=(), head_axis=None, context_axis="context",
-            **HALVES))
+            window_aware=window_aware, **HALVES))
         x = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)
         return collective_permutes(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, x).compile().as_text())
 
@@ -353,6 +353,8 @@ def test_window_aware_ring_traffic():
     assert global_layer and all("while" in op_name for _, op_name in global_layer)  # no halo: the full ring
     per_hop = sum(n for n, _ in global_layer)  # one hop's permutes each, in the scan bodies (fwd, bwd)
     assert per_hop * (ring - 1) >= full_ring_bytes
+    # window_aware=False (a benchmark's baseline): the bounded mask compiles the full ring alone.
+    assert sorted(compiled_permutes(window, window_aware=False)) == sorted(global_layer)
     print(f"\nring of {ring}, window {window}, fwd+bwd: halo {halo_sent} B, "
           f"full ring ({ring - 1} hops) {full_ring_bytes} B, global layer per hop {per_hop} B")
 

@@ -59,8 +59,10 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: int, warmup: int) -> dict:
-    """One case: build as ctxjax.train does, compile, time. Returns a result row."""
+def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: int, warmup: int,
+             window_aware_ring: bool = True) -> dict:
+    """One case: build as ctxjax.train does, compile, time. Returns a result row.
+    `window_aware_ring=False` forces the full ring for bounded masks (parallel.make_plan)."""
     config = base_config.copy_and_resolve_references()
     for key, value in overrides.items():
         set_by_path(config, key, value)
@@ -71,7 +73,7 @@ def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: in
     mesh = mesh_lib.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
     check_vocab(make_tokenizer(config.data), config.model.vocab_size)
-    plan = parallel.make_plan(config, mesh)
+    plan = parallel.make_plan(config, mesh, window_aware_ring=window_aware_ring)
     model = ModelConfig.from_config(config.model)
     tx, lr = train.make_optimizer(config.optim, config.train.steps)
     window_at = make_window_schedule(config.skyladder, seq_len=seq_len, total_steps=config.train.steps)
