@@ -177,7 +177,7 @@ def permute_traffic(hlo_text: str) -> PermuteTraffic:
                 listed = re.search(r"branch_computations=\{([^}]*)\}", line)
                 names = ([x.strip().lstrip("%") for x in listed.group(1).split(",")] if listed else
                          [re.search(rf"{key}=%?([\w.\-]+)", line).group(1)
-                          for key in ("true_computation", "false_computation")])
+                          for key in ("false_computation", "true_computation")])  # a PRED index: 0, 1
                 walked = [walk(n) for n in names]
                 sizes = [f + sum(max(s) for s in bs) for f, bs, _ in walked]
                 unknown += sum(u for _, _, u in walked)

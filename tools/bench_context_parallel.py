@@ -881,10 +881,11 @@ def main(argv=None):
         for c in cases_to_run:
             if not pending(c):
                 continue
-            needed = results.get(c.requires) if c.requires else None
-            if c.requires and (needed is None or needed["status"] in ("interrupted",)):
+            requires = c.requires if any(x.key == c.requires for x in cases) else ""  # unless left out
+            needed = results.get(requires) if requires else None
+            if requires and (needed is None or needed["status"] == "interrupted"):
                 continue  # its prerequisite has not run yet
-            if c.requires and needed["status"] != "ok":
+            if requires and needed["status"] != "ok":
                 results[c.key] = dict(key=c.key, case=dataclasses.asdict(c), status="skipped",
                                       error=f"skipped: {needed['case']['remat']} did not fit ({needed['status']})")
                 _write_json(result_path(args, c), results[c.key])
