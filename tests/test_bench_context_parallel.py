@@ -130,7 +130,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert all(b[0] < b[-1] for b in aware["branches"])  # the halo plan sends less than the full ring
     assert full["branches"] == [] and full["fixed"] == sum(b[-1] for b in aware["branches"]) > 0
     tail = run.stdout.rstrip().splitlines()
-    assert tail[-1].startswith("all done") and any(line.startswith("1. Weak scaling") for line in tail)
+    assert tail[-1].startswith("causal  2") and "all done" in run.stdout  # the weak-scaling table, last
+    assert tail[-4].startswith("1. Weak scaling") and tail[-3].split()[:2] == ["model", "GPUs"]
     assert "tools/bench_context_parallel.py" in md.read_text() and "efficiency vs 1 GPU" in md.read_text()
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert "--- " not in again.stdout and "all done" in again.stdout

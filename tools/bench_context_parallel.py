@@ -67,10 +67,10 @@ shows both):
 
 Printed: a line per case as it starts (estimate, timeout) and as it ends (step time, tokens/s
 per device, MFU, peak memory, compile time, time taken against the estimate; or the error and
-its log file); then the tables, last: correctness (loss differences, pass/FAIL), a million tokens
-(fits, tokens/s/GPU, MFU, peak), SkyLadder (step ms, MiB sent per layer, branch, full/aware
-step), weak scaling (tokens/s/GPU, MFU, peak, efficiency); then 'N of M cases pending: run
-again: ...' or 'all done'. Written to --out: cases/KEY.json (the result, per-step losses),
+its log file); then 'N of M cases pending: run again: ...' or 'all done'; last, the tables:
+correctness (loss differences, pass/FAIL), a million tokens (fits, tokens/s/GPU, MFU, peak),
+SkyLadder (step ms, MiB sent per layer, branch, full/aware step), weak scaling (tokens/s/GPU,
+MFU, peak, efficiency vs 1 GPU). Written to --out: cases/KEY.json (the result, per-step losses),
 logs/KEY.log, hlo/KEY.hlo.txt.gz, summary.json, report.md; when every case is done on GPUs, the
 dated tables are appended once to docs/benchmarks.md (--markdown PATH elsewhere; --report
 prints and appends from --out without running anything).
@@ -936,13 +936,12 @@ def main(argv=None):
         print(f"appended the tables to {target}")
     elif not target and not left_over:
         print("not on GPUs: the tables are in report.md only (pass --markdown PATH to append them somewhere)")
-    print()
-    print(render(tables(cases, results, args), markdown=False))
-    print()
     if left_over:
         print(f"{len(left_over)} of {len(cases)} cases pending: run again: {command}")
     else:
         print(f"all done: {len(cases)} cases (results in {args.out})")
+    print()
+    print(render(tables(cases, results, args), markdown=False))  # the tables, last
 
 
 if __name__ == "__main__":
