@@ -4,11 +4,17 @@ FLOPs are counted from the model config (ctxjax/model/config.py) and the actual 
 layer (the same per-layer terms the model applies), with the allowed pairs counted on the host
 (pallas_kernels.mask.count_allowed_pairs), so MFU reflects windows, chunks and documents rather
 than dense attention. `maxtext_flops` counts the way MaxText does, for side-by-side numbers.
+`collective_permutes` / `permute_traffic` read the bytes a compiled program's collective-permutes
+send from its HLO text (the ring's traffic: tests/test_context_parallel.py,
+tools/bench_context_parallel.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import tempfile
 
 import jax
@@ -57,6 +63,136 @@ def peak_flops_per_device(device, peak_tflops: float = 0.0) -> float:
         if name in kind:
             return tflops * 1e12
     return CPU_PEAK_FLOPS_PER_CORE * max(1, (os.cpu_count() or 1) // max(1, jax.local_device_count()))
+
+
+# --------------------------------------------------------------------------------------------
+# Collective traffic of a compiled program (its HLO text)
+# --------------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_PERMUTE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+collective-permute(-start)?\(")
+
+
+def _arrays(type_text: str) -> list[int]:
+    """Bytes of each array in an HLO type ('f32[2,3]{1,0}' or a tuple of them)."""
+    return [_DTYPE_BYTES[dtype] * math.prod(int(n) for n in dims.split(",") if n)
+            for dtype, dims in _ARRAY.findall(type_text)]
+
+
+def _permute_bytes(line: str) -> int | None:
+    """Bytes one collective-permute instruction sends over all its source->target pairs; None
+    for any other line. Synchronous (CPU): the result is what is sent. Asynchronous
+    (`collective-permute-start`, GPU): the result tuple holds the operands, the outputs and
+    maybe u32[] context scalars: half the arrays, scalars left out."""
+    match = _PERMUTE.match(line)
+    if not match:
+        return None
+    type_text, is_start = match.groups()
+    pairs = re.search(r"source_target_pairs=\{((\{\d+,\d+\},?)*)\}", line)
+    pairs = len(re.findall(r"\{\d+,\d+\}", pairs.group(1))) if pairs else 0
+    if is_start:
+        sizes = [n for n, (_, dims) in zip(_arrays(type_text), _ARRAY.findall(type_text)) if dims]
+        return sum(sizes) // 2 * pairs
+    return sum(_arrays(type_text)) * pairs
+
+
+def collective_permutes(hlo_text: str) -> list[tuple[int, str]]:
+    """(bytes sent over all source->target pairs, op_name) of each collective-permute in a
+    compiled program's HLO text (`compiled.as_text()`), as written: an op in a loop body or a
+    conditional branch counts once (`permute_traffic` counts what runs)."""
+    found = []
+    for line in hlo_text.splitlines():
+        sent = _permute_bytes(line)
+        if sent is not None:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            found.append((sent, op_name.group(1) if op_name else ""))
+    return found
+
+
+@dataclasses.dataclass
+class PermuteTraffic:
+    """Bytes a program's collective-permutes send in one run. `fixed`: sent whatever branch
+    runs (loop bodies times their trip count); `branches`: one list per conditional whose
+    branches send anything (outermost such conditionals), the bytes of each branch, in branch
+    order (a `lax.switch`'s order); which branch runs is the caller's to say.
+    `unknown_trip_counts`: loops that send something but have no known trip count (counted once)."""
+    fixed: int
+    branches: list
+    unknown_trip_counts: int = 0
+
+    def total(self, branch: int) -> int:
+        """Bytes sent when every conditional takes `branch` (clipped to its last: -1 is the last)."""
+        pick = lambda sizes: sizes[branch if -len(sizes) <= branch < len(sizes) else -1]
+        return self.fixed + sum(pick(sizes) for sizes in self.branches)
+
+
+def _computations(hlo_text: str) -> tuple[dict, str]:
+    """{name: instruction lines} of an HLO module's text, and the entry computation's name."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+            if header and not line.startswith((" ", "HloModule")):
+                current = header.group(2)
+                computations[current] = []
+                entry = current if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        else:
+            computations[current].append(line)
+    return computations, entry
+
+
+def permute_traffic(hlo_text: str) -> PermuteTraffic:
+    """What the collective-permutes of a compiled program (`compiled.as_text()`) send when it
+    runs once: each op's bytes over its source->target pairs, times the known trip count of
+    every loop around it (XLA's `known_trip_count`), with the conditionals' branches kept apart
+    (see PermuteTraffic). Nested conditionals inside a branch count their largest branch."""
+    computations, entry = _computations(hlo_text)
+    memo = {}
+
+    def walk(name) -> tuple[int, list, int]:
+        if name in memo:
+            return memo[name]
+        memo[name] = (0, [], 0)  # guards against cycles, which HLO does not have
+        fixed, branches, unknown = 0, [], 0
+        for line in computations.get(name, ()):
+            sent = _permute_bytes(line)
+            if sent is not None:
+                fixed += sent
+                continue
+            if " while(" in line:
+                body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                b_fixed, b_branches, b_unknown = walk(body)
+                if trips is None and (b_fixed or b_branches):
+                    b_unknown += 1
+                n = int(trips.group(1)) if trips else 1
+                fixed += n * b_fixed
+                branches += [[n * x for x in sizes] for sizes in b_branches]
+                unknown += b_unknown
+                continue
+            if " conditional(" in line:
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = ([x.strip().lstrip("%") for x in listed.group(1).split(",")] if listed else
+                         [re.search(rf"{key}=%?([\w.\-]+)", line).group(1)
+                          for key in ("false_computation", "true_computation")])  # a PRED index: 0, 1
+                walked = [walk(n) for n in names]
+                sizes = [f + sum(max(s) for s in bs) for f, bs, _ in walked]
+                unknown += sum(u for _, _, u in walked)
+                if any(sizes):
+                    branches.append(sizes)
+                continue
+            for called in re.findall(r"\bcalls=%?([\w.\-]+)", line):  # calls, fusions, async wrappers
+                c_fixed, c_branches, c_unknown = walk(called)
+                fixed, branches, unknown = fixed + c_fixed, branches + c_branches, unknown + c_unknown
+        memo[name] = (fixed, branches, unknown)
+        return memo[name]
+
+    fixed, branches, unknown = walk(entry)
+    return PermuteTraffic(fixed, branches, unknown)
 
 
 # --------------------------------------------------------------------------------------------

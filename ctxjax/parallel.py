@@ -105,9 +105,11 @@ def model_terms(config, mesh) -> frozenset:
     return frozenset(terms)
 
 
-def make_plan(config, mesh) -> Plan:
+def make_plan(config, mesh, *, window_aware_ring: bool = True) -> Plan:
     """The plan for this config on this mesh (its devices may be a TPU topology's, compiled
-    ahead of time from a CPU host: the platform is read from the mesh, not the host)."""
+    ahead of time from a CPU host: the platform is read from the mesh, not the host).
+    `window_aware_ring=False` makes the ring run the full circle for bounded masks too: a
+    benchmark's baseline (tools/bench_context_parallel.py), not a run option."""
     device = mesh.devices.flat[0]
     model, p = ModelConfig.from_config(config.model), config.parallel
     context = mesh_lib.sequence_ways(mesh) > 1
@@ -119,7 +121,7 @@ def make_plan(config, mesh) -> Plan:
         raise ValueError("parallel.context_strategy='hybrid' needs mesh.ulysses > 1 (the all-to-all axis) "
                          "besides mesh.context (the ring); or choose 'ring' or 'ulysses'.")
     functions = backend.build(device.platform, p.deterministic)
-    attention = make_attention(functions, backend, mesh, strategy, axes)
+    attention = make_attention(functions, backend, mesh, strategy, axes, window_aware_ring=window_aware_ring)
     return Plan(backend=backend, platform=device.platform, context_strategy=strategy,
                 zigzag_shards=mesh_lib.zigzag_shards(mesh, p.context_strategy) if context else 1,
                 remat=p.remat, deterministic=p.deterministic, attention=attention)
@@ -161,13 +163,15 @@ def _with_saved_residuals(forward, backward):
 
 
 def make_attention(functions: backends_lib.Functions, backend: backends_lib.Backend, mesh, strategy,
-                   axes) -> Callable:
-    """(q, k, v, mask) -> out for the model: the backend, split over the mesh as decided."""
+                   axes, *, window_aware_ring: bool = True) -> Callable:
+    """(q, k, v, mask) -> out for the model: the backend, split over the mesh as decided
+    (`window_aware_ring`: see make_plan)."""
     if strategy is not None:
         def attention(q, k, v, mask: MaskSpec):
             b, t, s = q.shape[0], q.shape[1], k.shape[1]
             return context_parallel_attention(q, k, v, mask.resolved(b, t, s), mesh=mesh, strategy=strategy,
-                                              local_fwd=functions.forward, local_bwd=functions.backward, **axes)
+                                              local_fwd=functions.forward, local_bwd=functions.backward,
+                                              window_aware=window_aware_ring, **axes)
         return attention
 
     batch = axes["batch_axes"] or None

@@ -1,7 +1,6 @@
 """Context parallelism (ring, window-aware ring, all-gather, Ulysses, hybrid; zigzag) against
 single-device reference attention, the ring's traffic in compiled HLO, and TPU compiles."""
 import functools
-import re
 import time
 import zlib
 
@@ -16,6 +15,7 @@ import ctxjax.attention.context_parallel as cp_module
 from pallas_kernels.blockwise import blockwise_attention_bwd, blockwise_attention_fwd
 from ctxjax.attention.context_parallel import (
     STRATEGIES, context_parallel_attention, unzigzag, zigzag, zigzag_order)
+from ctxjax.metrics import collective_permutes, permute_traffic
 from pallas_kernels.mask import MaskSpec
 from pallas_kernels.reference import attention_reference
 from tpu_topology import tpu_mesh, tpu_topology  # noqa: F401  (a fixture)
@@ -299,21 +299,6 @@ def test_halo_plan_is_exact():
 
 # ---------------------------------------------------------------------------- traffic
 
-def collective_permutes(hlo_text):
-    """(bytes sent over all source->target pairs, op_name) of each collective-permute."""
-    sizes = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}
-    found = []
-    for line in hlo_text.splitlines():
-        match = re.search(r"= (\w+)\[([\d,]*)\]\S* collective-permute\(", line)
-        if not match:
-            continue
-        dtype, dims = match.groups()
-        pairs = len(re.findall(r"\{\d+,\d+\}", re.search(r"source_target_pairs=\{((\{\d+,\d+\},?)*)\}", line).group(1)))
-        op_name = re.search(r'op_name="([^"]*)"', line).group(1)
-        found.append((sizes[dtype] * int(np.prod([int(n) for n in dims.split(",") if n])) * pairs, op_name))
-    return found
-
-
 def test_window_aware_ring_traffic():
     """Bytes the compiled ring sends, forward + backward, for a local layer (static window W)
     on a context axis of 8: exactly the halo pieces that hold a visible key, against the full
@@ -323,13 +308,17 @@ def test_window_aware_ring_traffic():
     order = zigzag_order(t, ring)
     piece = t // (2 * ring)
 
-    def compiled_permutes(window):
+    def compiled_permutes(window, window_aware=True):
         mask = MaskSpec(q_token_index=order, kv_token_index=order, window=window)
         loss = lambda q, k, v, w: jnp.sum(w * context_parallel_attention(
             q, k, v, mask, mesh=mesh, strategy="ring", batch_axes=(), head_axis=None, context_axis="context",
-            **HALVES))
+            window_aware=window_aware, **HALVES))
         x = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)
-        return collective_permutes(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, x).compile().as_text())
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, x).compile().as_text()
+        traffic[window, window_aware] = permute_traffic(text)
+        return collective_permutes(text)
+
+    traffic = {}
 
     # What the design needs, found by brute force: (destination rank, source piece) pairs with a
     # visible key. Each moves k, v and token_index forward; k, v again and f32 dK, dV backward.
@@ -353,8 +342,53 @@ def test_window_aware_ring_traffic():
     assert global_layer and all("while" in op_name for _, op_name in global_layer)  # no halo: the full ring
     per_hop = sum(n for n, _ in global_layer)  # one hop's permutes each, in the scan bodies (fwd, bwd)
     assert per_hop * (ring - 1) >= full_ring_bytes
+    # window_aware=False (a benchmark's baseline): the bounded mask compiles the full ring alone.
+    assert sorted(compiled_permutes(window, window_aware=False)) == sorted(global_layer)
+    # What runs (ctxjax.metrics.permute_traffic): the halo plan's branch sends the halo bytes, the
+    # fallback branch and the global layer the full ring as compiled (R hops, the last one spare).
+    halo = traffic[window, True]
+    assert halo.fixed == 0 and [len(sizes) for sizes in halo.branches] == [2, 2]  # fwd and bwd: plan, full ring
+    assert halo.total(0) == halo_bytes
+    full_compiled = full_ring_bytes * ring // (ring - 1)
+    for run in (halo.total(-1), traffic[None, True].total(0), traffic[window, False].total(0)):
+        assert run == full_compiled, (run, full_compiled)
+    assert traffic[None, True].branches == [] and traffic[window, False].unknown_trip_counts == 0
     print(f"\nring of {ring}, window {window}, fwd+bwd: halo {halo_sent} B, "
           f"full ring ({ring - 1} hops) {full_ring_bytes} B, global layer per hop {per_hop} B")
+
+
+def test_permute_traffic_reads_gpu_async_form():
+    """The GPU form of a permute (async start/done, u32 context scalars in the result tuple),
+    inside a loop with a known trip count and a conditional's branches."""
+    text = """HloModule m
+
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %x = bf16[4,8]{1,0} get-tuple-element(%p), index=1
+  %cp = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}, metadata={op_name="jit(f)/while/body/ppermute"}
+  %d = bf16[4,8]{1,0} collective-permute-done(%cp)
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%i, %d)
+}
+
+%branch_0 (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0)
+  ROOT %q = f32[2]{0} collective-permute(%a), channel_id=2, source_target_pairs={{0,1}}
+}
+
+%branch_1 (a: f32[2]) -> f32[2] {
+  ROOT %a = f32[2]{0} parameter(0)
+}
+
+ENTRY %main (x: bf16[4,8], i: s32[]) -> bf16[4,8] {
+  %w = (s32[], bf16[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %c = f32[2]{0} conditional(%i, %y, %y), branch_computations={%branch_0, %branch_1}
+  ROOT %r = bf16[4,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+    assert collective_permutes(text) == [(4 * 8 * 2 * 4, "jit(f)/while/body/ppermute"), (8, "")]
+    traffic = permute_traffic(text)
+    assert (traffic.fixed, traffic.branches, traffic.unknown_trip_counts) == (3 * 256, [[8, 0]], 0)
+    assert (traffic.total(0), traffic.total(1), traffic.total(-1)) == (776, 768, 768)
 
 
 # ---------------------------------------------------------------------------- work balance, layout

@@ -59,19 +59,27 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: int, warmup: int) -> dict:
-    """One case: build as ctxjax.train does, compile, time. Returns a result row."""
+def case_config(base_config, seq_len: int, rows: int, overrides: dict, *, total_steps: int):
+    """The validated config of one case: the base with the overrides, this length and batch,
+    and room for `total_steps` steps (learning-rate warmup within them)."""
     config = base_config.copy_and_resolve_references()
     for key, value in overrides.items():
         set_by_path(config, key, value)
     config.train.seq_len, config.train.global_batch_size = seq_len, rows
-    config.train.steps = max(config.train.steps, warmup + steps + 1)
-    config.optim.warmup_steps = min(config.optim.warmup_steps, warmup + steps)
-    config = validate_config(config)
+    config.train.steps = max(config.train.steps, total_steps + 1)
+    config.optim.warmup_steps = min(config.optim.warmup_steps, total_steps)
+    return validate_config(config)
+
+
+def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: int, warmup: int,
+             window_aware_ring: bool = True) -> dict:
+    """One case: build as ctxjax.train does, compile, time. Returns a result row.
+    `window_aware_ring=False` forces the full ring for bounded masks (parallel.make_plan)."""
+    config = case_config(base_config, seq_len, rows, overrides, total_steps=warmup + steps)
     mesh = mesh_lib.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
     check_vocab(make_tokenizer(config.data), config.model.vocab_size)
-    plan = parallel.make_plan(config, mesh)
+    plan = parallel.make_plan(config, mesh, window_aware_ring=window_aware_ring)
     model = ModelConfig.from_config(config.model)
     tx, lr = train.make_optimizer(config.optim, config.train.steps)
     window_at = make_window_schedule(config.skyladder, seq_len=seq_len, total_steps=config.train.steps)

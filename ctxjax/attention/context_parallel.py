@@ -134,6 +134,7 @@ class _Setup:
     ulysses_size: int
     kv_repeat: int  # K/V heads repeated this many times before Ulysses' all-to-all (GQA)
     mesh_axes: tuple  # every mesh axis: the window-aware ring's plan choice is agreed over all
+    window_aware: bool = True  # False: the ring always runs the full circle (benchmarks' baseline)
 
     def mask(self, q_rows, kv_rows, traced) -> MaskSpec:
         return MaskSpec(causal=self.causal, q_token_index=q_rows["index"], kv_token_index=kv_rows["index"],
@@ -166,7 +167,8 @@ def _check_axes(mesh, strategy, context_axis, ulysses_axis):
 
 def context_parallel_attention(q, k, v, mask: MaskSpec | None = None, *, mesh, strategy: str, local_fwd,
                                local_bwd, scale=None, batch_axes, head_axis: str | None, context_axis: str,
-                               ulysses_axis: str | None = None, return_lse: bool = False):
+                               ulysses_axis: str | None = None, return_lse: bool = False,
+                               window_aware: bool = True):
     """Attention of q [B,T,Hq,D] over k/v [B,S,Hkv,D], sequences sharded across devices.
 
     q, k, v are global arrays: batch sharded over `batch_axes`, heads over `head_axis`
@@ -189,6 +191,10 @@ def context_parallel_attention(q, k, v, mask: MaskSpec | None = None, *, mesh, s
     r x the local K/V shard in memory and r x the K/V bytes of the all-to-all (each device
     then holds Hkv_local*r/N full-length kv heads, at least one); dK/dV of the copies are
     summed in float32 on the way back.
+
+    `window_aware=False` makes the ring (and hybrid's ring) run the full circle even when the
+    mask bounds the look-back: the same result, more traffic. For benchmarks that compare the
+    window-aware ring against the full one (tools/bench_context_parallel.py); runs keep True.
 
     Returns out [B,T,Hq,D] (q.dtype), and lse [B,Hq,T] float32 when `return_lse`. The lse is
     returned for inspection and merging only: no gradient flows through it.
@@ -240,7 +246,7 @@ def context_parallel_attention(q, k, v, mask: MaskSpec | None = None, *, mesh, s
     ring_axis = None if strategy == "ulysses" else context_axis
     setup = _Setup(local_fwd, local_bwd, d ** -0.5 if scale is None else scale, mask.causal, static,
                    tuple(traced), ring_axis, context_size if ring_axis else 1, a2a_axis, a2a_size, kv_repeat,
-                   tuple(mesh.axis_names))
+                   tuple(mesh.axis_names), bool(window_aware))
 
     batch_spec = batch_axes or None
     seq_spec = P(batch_spec, seq_axes, head_axis, None)
@@ -586,9 +592,9 @@ def _halo_plans(setup: _Setup, q_len: int, kv_len: int) -> tuple:
     """The halo plans worth compiling for this mask: each moves fewer pieces to every rank than
     the full ring's 2(R-1) and holds at most R halo pieces (L/2 tokens of K/V, half of what
     all-gather holds). () keeps the plain full ring (global layers, non-causal masks,
-    cross-attention)."""
+    cross-attention, or `window_aware=False`)."""
     ring = setup.ring_size
-    if ring == 1 or not setup.causal or q_len != kv_len or kv_len % 2:
+    if not setup.window_aware or ring == 1 or not setup.causal or q_len != kv_len or kv_len % 2:
         return ()
     static = dict(setup.static_scalars)
     piece_len = kv_len // 2
