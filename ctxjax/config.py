@@ -366,6 +366,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     check_known_keys(config)
     m, p, t = config.model, config.parallel, config.train
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_position_embeddings"):
+        _require(_is_int(m[key]) and m[key] >= 1, f"model.{key}={m[key]!r} must be a positive integer.")
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     _require(m.head_dim or m.d_model % m.n_heads == 0,

@@ -56,7 +56,8 @@ class Plan:
 
     def describe(self, model: ModelConfig, *, skyladder: bool, window_mask: str, seq_len: int) -> list[str]:
         """One line per distinct layer kind: its mask terms and the kernel path it takes."""
-        lines = [f"attention: {self.backend.name} ({self.backend.summary}) on {self.platform}"
+        interpreted = " in TPU interpret mode" if self.backend.mosaic and self.platform == "cpu" else ""
+        lines = [f"attention: {self.backend.name} ({self.backend.summary}) on {self.platform}{interpreted}"
                  + (f", context parallelism: {self.context_strategy}" if self.context_strategy else "")
                  + f"; remat: {self.remat}"]
         window = "W" if skyladder else None

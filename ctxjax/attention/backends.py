@@ -145,7 +145,7 @@ BACKENDS = {b.name: b for b in (
     Backend("pallas_gpu", "the Hopper flash kernel (Pallas Mosaic GPU), block skipping",
             platforms=("gpu",), terms=TERMS, has_halves=True, mosaic=True, build=_pallas_gpu,
             dtypes=("bfloat16", "float16"), head_dims=(64, 128), hopper_only=True),
-    Backend("pallas_tpu", "the Pallas TPU flash kernel, block skipping (TPU interpret mode on CPU)",
+    Backend("pallas_tpu", "the Pallas TPU flash kernel, block skipping",
             platforms=("tpu", "cpu"), terms=TERMS, has_halves=True, mosaic=True, build=_pallas_tpu,
             dtypes=("bfloat16", "float32")),
     Backend("splash", "JAX's splash attention (static masks only)",
