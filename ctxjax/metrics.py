@@ -18,7 +18,6 @@ import re
 import tempfile
 
 import jax
-import numpy as np
 
 from ctxjax.model.config import ModelConfig, layer_masks_of
 from pallas_kernels.mask import count_allowed_pairs

@@ -8,13 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
 from ctxjax import train
-from test_train import REPO, read_metrics, tiny_config
+from test_train import REPO, interrupt_a_run, tiny_config
 
 TINY_ARGS = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.mlp_dim=64",
              "--config.train.seq_len=64", "--config.train.log_every=1", "--config.eval.batches=1",
@@ -74,19 +72,9 @@ def test_resume_refuses_unsafe_changes_records_safe_ones_and_finished_runs_stay_
 def test_ctrl_c_saves_and_exits(tmp_path):
     """A first Ctrl-C saves at the end of the step and exits 0 (no 'final:' line: the run is
     not finished); the rerun resumes there."""
-    workdir = str(tmp_path / "interrupted")
-    proc = subprocess.Popen([sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py",
-                             f"--workdir={workdir}", *TINY_ARGS, "--config.train.steps=100000"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out[-3000:]
+    returncode, out, saved = interrupt_a_run(str(tmp_path / "interrupted"), signal.SIGINT)
+    assert returncode == 0, out[-3000:]
     assert "Ctrl-C" in out and "checkpoint saved" in out and "final:" not in out
-    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert len(saved) == 1 and saved[0] >= 2
 
 

@@ -92,26 +92,34 @@ def test_length_curriculum_with_context_parallel_zigzag(tmp_path):
                                  str(tmp_path / "bad"))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    """Preemption: SIGTERM mid-run saves the current step and exits 0; a rerun resumes there."""
-    import signal
+def interrupt_a_run(workdir, signum, extra_args=()):
+    """Start a long CLI run, send `signum` once it has logged two steps; -> (returncode, output,
+    the checkpointed steps)."""
     import time
-    workdir = str(tmp_path / "preempted")
     args = [sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py", f"--workdir={workdir}",
             "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.mlp_dim=64",
             "--config.train.seq_len=64", "--config.train.log_every=1", "--config.train.steps=100000",
-            "--config.eval.batches=1", "--config.eval.batch_size=8", "--config.mesh.fsdp=1", "--config.mesh.data=-1"]
+            "--config.eval.batches=1", "--config.eval.batch_size=8", "--config.mesh.fsdp=1", "--config.mesh.data=-1",
+            *extra_args]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out[-3000:]
     saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    return proc.returncode, out, saved
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Preemption: SIGTERM mid-run saves the current step and exits 0; a rerun resumes there."""
+    import signal
+    workdir = str(tmp_path / "preempted")
+    returncode, out, saved = interrupt_a_run(workdir, signal.SIGTERM)
+    assert returncode == 0, out[-3000:]
     assert len(saved) == 1 and 2 <= saved[0] < 100000 and "checkpoint saved" in out and "final:" not in out
-    assert json.loads(open(metrics).readlines()[-1])["step"] <= saved[0]
+    assert json.loads(open(os.path.join(workdir, "metrics.jsonl")).readlines()[-1])["step"] <= saved[0]
 
 
 def test_outputs_and_falling_loss(tmp_path):

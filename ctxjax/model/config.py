@@ -9,7 +9,7 @@ arithmetic about the model with the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 WINDOW_MASKS = ("chunk", "sliding")  # how the SkyLadder window masks the global layers
 
