@@ -46,14 +46,14 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, name: str = CONFIG_FILE) -> None:
-    """Write WORKDIR/<name> atomically (process 0 only)."""
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Write WORKDIR/config.json atomically (process 0 only)."""
     if jax.process_index() == 0:
-        write_json(os.path.join(workdir, name), as_plain(config))
+        write_json(os.path.join(workdir, CONFIG_FILE), as_plain(config))
 
 
-def read_config(workdir: str, name: str = CONFIG_FILE) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, name)
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a ctxjax workdir (python -m ctxjax.train "
                                 f"--workdir=...)?")
@@ -93,10 +93,10 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
-def check_resume(workdir: str, config: ml_collections.ConfigDict, step: int) -> ml_collections.ConfigDict:
+def check_resume(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict:
     """Compare the config of a resumed run with the saved one before anything is written.
     Refuses, naming the keys, a change that would alter parameter shapes, the optimizer state or
-    the data order; returns the config (allowed changes are recorded by `record_config`). A
+    the data order; returns the allowed changes, {key: [saved, new]}, for `record_config`. A
     workdir holding params only (an imported model) starts new runs; it does not resume."""
     if not os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "opt_state")):
         raise FileNotFoundError(f"{checkpoint_dir(workdir)}/{step} holds params only (a model imported by "
@@ -116,19 +116,19 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
     if new["train.steps"] != saved["train.steps"]:
         print(f"note: train.steps {saved['train.steps']} -> {new['train.steps']}: the learning-rate schedule is "
               f"stretched to the new length from step {step} on", flush=True)
-    return config
+    return {k: [saved.get(k), new.get(k)] for k in changed}
 
 
-def record_config(workdir: str, config: ml_collections.ConfigDict, resume_step: int | None) -> None:
-    """config.json of a new run; for a resumed run with allowed changes, the new config.json,
-    the first one kept as config.original.json and the change appended to config_history.jsonl."""
+def record_config(workdir: str, config: ml_collections.ConfigDict, resume_step: int | None,
+                  changes: dict | None = None) -> None:
+    """config.json of a new run; for a resumed run with allowed `changes` (from check_resume),
+    the new config.json, the first one kept as config.original.json and the changes appended to
+    config_history.jsonl."""
     if jax.process_index() != 0:
         return
     if resume_step is None:
         write_config(workdir, config)
         return
-    saved, new = _flat(as_plain(read_config(workdir))), _flat(as_plain(config))
-    changes = {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)}
     if not changes:
         return
     if not os.path.exists(os.path.join(workdir, ORIGINAL_CONFIG_FILE)):

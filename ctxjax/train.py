@@ -218,9 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     tokenizer = make_tokenizer(config.data)
     check_vocab(tokenizer, config.model.vocab_size)
     plan = parallel.make_plan(config, mesh)
-    resume_step = ckpt_lib.latest_step(workdir)
+    resume_step, changes = ckpt_lib.latest_step(workdir), None
     if resume_step is not None:
-        config = ckpt_lib.check_resume(workdir, config, resume_step)
+        changes = ckpt_lib.check_resume(workdir, config, resume_step)
         if resume_step >= config.train.steps:
             print(f"{workdir} is complete: it trained {resume_step} of train.steps={config.train.steps} steps. "
                   f"To train further, rerun with a larger --config.train.steps (the learning-rate schedule "
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     # ---- the run's state
     model_cfg, total_steps = ModelConfig.from_config(config.model), config.train.steps
     os.makedirs(workdir, exist_ok=True)
-    ckpt_lib.record_config(workdir, config, resume_step)
+    ckpt_lib.record_config(workdir, config, resume_step, changes)
     tx, lr_schedule = make_optimizer(config.optim, total_steps)
     window_at = make_window_schedule(config.skyladder, seq_len=config.train.seq_len, total_steps=total_steps)
     data = make_train_iterator(config.data, seq_len=config.train.seq_len,

@@ -1,4 +1,4 @@
-"""The attention mask algebra shared by every backend (see DESIGN.md, "The mask algebra").
+"""The attention mask algebra shared by every backend (docs/architecture.md, "The mask algebra").
 
 For query i and key j with token_index values q_i, k_j and segment ids s_i, t_j:
 

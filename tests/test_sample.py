@@ -137,22 +137,13 @@ def test_sampling_distribution_and_filters():
     np.testing.assert_array_equal(run(top_k=0, top_p=1.0)[0], plain)
 
 
-def _randomize_(model, seed):
-    """transformers initialises norms to 1: make every tensor random (as tests/test_convert.py)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.3 * noise)
-
-
 @pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 def test_greedy_matches_transformers_on_an_imported_model(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from ctxjax.checkpoint import load_model
     from ctxjax.convert import import_hf
+    from test_convert import _randomize_  # every HF tensor random, norms around 1
 
     hf_config = transformers.LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
