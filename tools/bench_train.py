@@ -72,9 +72,10 @@ def case_config(base_config, seq_len: int, rows: int, overrides: dict, *, total_
 
 
 def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: int, warmup: int,
-             window_aware_ring: bool = True) -> dict:
+             window_aware_ring: bool = True, profile_dir: str = "") -> dict:
     """One case: build as ctxjax.train does, compile, time. Returns a result row.
-    `window_aware_ring=False` forces the full ring for bounded masks (parallel.make_plan)."""
+    `window_aware_ring=False` forces the full ring for bounded masks (parallel.make_plan).
+    `profile_dir`: also trace two more steps there (jax.profiler), after the timed ones."""
     config = case_config(base_config, seq_len, rows, overrides, total_steps=warmup + steps)
     mesh = mesh_lib.make_mesh(config.mesh)
     check_mesh_fits(config, mesh)
@@ -87,11 +88,13 @@ def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: in
                                process_index=jax.process_index(), process_count=jax.process_count())
     row = dict(seq_len=seq_len, rows=rows, tokens_per_step=seq_len * rows, plan=plan.describe(
         model, skyladder=bool(config.skyladder.enabled), window_mask=config.skyladder.mask, seq_len=seq_len))
+    print("\n".join(row["plan"]), flush=True)
     with mesh_lib.use_mesh(mesh):
         graphdef, params_abstract, opt_abstract = train.abstract_state(model, plan, tx, mesh)
         params, opt_state = train.init_state(model, plan, tx, config.train.seed, params_abstract, opt_abstract)
         jitted = train.jit_train_step(graphdef, tx, lr, config, mesh, params_abstract, opt_abstract)
-        host = [next(data) for _ in range(warmup + steps)]  # read ahead: the timing is the device's
+        traced = 2 if profile_dir else 0
+        host = [next(data) for _ in range(warmup + steps + traced)]  # read ahead: the timing is the device's
         batches = [parallel.shard_inputs(train.with_targets(b), mesh, plan) for b in host]
         window = window_at(0, seq_len)
         window_arg = None if window is None else jnp.int32(window)
@@ -104,7 +107,7 @@ def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: in
             row["memory_gib"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes) / 2**30
         losses, times = [], []
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(batches[:warmup + steps]):
             if i == warmup:
                 jax.block_until_ready(params)
             t0 = time.perf_counter()
@@ -115,9 +118,16 @@ def run_case(base_config, seq_len: int, rows: int, overrides: dict, *, steps: in
                 times.append(time.perf_counter() - t0)
         step_s = float(np.median(times))
         losses = [float(x) for x in jax.device_get(losses)]
+        if traced:
+            with jax.profiler.trace(profile_dir):
+                for i, batch in enumerate(batches[warmup + steps:], warmup + steps):
+                    params, opt_state, m = compiled(params, opt_state, batch, jnp.int32(i), window_arg)
+                jax.block_until_ready(m["loss"])
+            row["profile"] = profile_dir
     devices = mesh.size
     peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0], config.train.peak_tflops)
-    ours = np.mean([metrics_lib.step_flops(b, window, model, config.skyladder.mask) for b in host[warmup:]])
+    ours = np.mean([metrics_lib.step_flops(b, window, model, config.skyladder.mask)
+                    for b in host[warmup:warmup + steps]])
     maxtext = metrics_lib.maxtext_flops(model, seq_len, rows)
     row.update(step_ms=step_s * 1e3, tokens_per_s_per_device=seq_len * rows / step_s / devices,
                mfu_ours=ours / step_s / devices / peak, mfu_maxtext=maxtext / step_s / devices / peak,
@@ -139,6 +149,8 @@ def main():
     p.add_argument("--json", default="", help="also write every row (with per-step losses) here")
     p.add_argument("--markdown", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
     p.add_argument("--no_markdown", action="store_true")
+    p.add_argument("--profile", default="", help="trace two more steps of each case into DIR/SEQxROWS_VARIANT "
+                   "(jax.profiler; open with TensorBoard's profile plugin or xprof)")
     args = p.parse_args()
 
     base = load_config(args.config)
@@ -152,7 +164,9 @@ def main():
         for name, _, text in variants:
             print(f"--- {seq_len} x {n}, {name}", flush=True)
             try:
-                row = run_case(base, seq_len, n, parse_overrides(text), steps=args.steps, warmup=args.warmup)
+                profile_dir = os.path.join(args.profile, f"{seq_len}x{n}_{name}") if args.profile else ""
+                row = run_case(base, seq_len, n, parse_overrides(text), steps=args.steps, warmup=args.warmup,
+                               profile_dir=profile_dir)
             except Exception as e:  # e.g. out of memory: a row that says so, and go on
                 row = dict(seq_len=seq_len, rows=n, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             row["variant"], row["overrides"] = name, text
