@@ -197,6 +197,43 @@ def test_chunked_cross_entropy_matches_float64(vocab_chunk):
     np.testing.assert_allclose(grad, p @ w.T, rtol=1e-4, atol=1e-6)
 
 
+def _dot_operand_dtypes(jaxpr) -> list:
+    """The operand dtypes of every dot_general in a jaxpr, nested jaxprs included."""
+    from jax.extend.core import jaxprs_in_params
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("vocab_chunk", [16, 0])
+def test_head_gradient_runs_in_the_compute_dtype(vocab_chunk):
+    """bf16 hidden states, float32 head: every matmul (forward and backward) takes bf16
+    operands, the weight's gradient comes back float32, and both gradients match float64
+    computed from the bf16-rounded inputs within bf16's rounding of the cotangent."""
+    rng = np.random.default_rng()
+    hidden = jnp.asarray(rng.standard_normal((2, 10, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, 77)) * 0.3, jnp.float32)
+    targets = rng.integers(0, 77, (2, 10))
+    loss = lambda h, w: chunked_cross_entropy(h, w, jnp.asarray(targets), vocab_chunk=vocab_chunk)[0].sum()
+    grad = jax.grad(loss, argnums=(0, 1))
+    assert set(_dot_operand_dtypes(jax.make_jaxpr(grad)(hidden, w).jaxpr)) == {("bfloat16", "bfloat16")}
+    d_hidden, d_w = grad(hidden, w)
+    assert d_hidden.dtype == jnp.bfloat16 and d_w.dtype == jnp.float32
+    h64 = np.asarray(hidden.astype(jnp.float32), np.float64)
+    w64 = np.asarray(w.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    logits = h64 @ w64
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(2)[:, None], np.arange(10)[None], targets] -= 1
+    want_h, want_w = p @ w64.T, np.einsum("btd,btv->dv", h64, p)
+    np.testing.assert_allclose(np.asarray(d_hidden, np.float64), want_h, rtol=2e-2, atol=1e-2 * np.abs(want_h).max())
+    np.testing.assert_allclose(np.asarray(d_w, np.float64), want_w, rtol=2e-2, atol=1e-2 * np.abs(want_w).max())
+
+
 def test_config_errors_name_the_key(tmp_path):
     config = tiny_config()
     with pytest.raises(KeyError, match="model.no_such_knob"):
@@ -206,6 +243,9 @@ def test_config_errors_name_the_key(tmp_path):
     bad = tiny_config(**{"model.n_kv_heads": 3})
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         train.train_and_evaluate(bad, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"parallel.layer_loop='unroll'; choose one of \('auto', 'scan', 'unrolled'\)"):
+        train.train_and_evaluate(tiny_config(**{"parallel.layer_loop": "unroll"}), str(tmp_path / "bad_loop"))
+    assert not os.path.exists(tmp_path / "bad_loop")  # refused before anything is written
     # the command line rejects unknown keys too, naming them
     result = subprocess.run([sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_cpu.py",
                              f"--workdir={tmp_path}/cli", "--config.model.n_layerz=3"],

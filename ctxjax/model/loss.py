@@ -19,6 +19,33 @@ def next_token_targets(tokens, segment_ids):
     return targets, weights.astype(xp.float32)
 
 
+@jax.custom_vjp
+def head_logits(hidden, weight):
+    """hidden [..., d] @ weight [d, V] -> float32 logits, the matmul in hidden's dtype with
+    float32 accumulation; weight may be float32 (cast here).
+
+    The backward casts the float32 cotangent to hidden's dtype before its two matmuls, as the
+    backward of a bfloat16 matmul would: left to autodiff, the float32 cotangent would run
+    both in float32 (TF32 on GPUs), the slowest matmuls of a large-vocabulary step
+    (docs/benchmarks.md). The weight's gradient is accumulated and returned in float32."""
+    return jnp.einsum("...d,dv->...v", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(hidden, weight):
+    return head_logits(hidden, weight), (hidden, weight)
+
+
+def _head_logits_bwd(residuals, g):
+    hidden, weight = residuals
+    g = g.astype(hidden.dtype)
+    d_hidden = jnp.einsum("...v,dv->...d", g, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    d_weight = jnp.einsum("...d,...v->dv", hidden, g, preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 8192):
     """Per-token (loss, logsumexp), float32 [B, T]; hidden [B, T, d], head_weight [d, V].
 
@@ -27,13 +54,12 @@ def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 81
     whole [B, T, V] logits in one matmul instead: faster where the memory is there."""
     d, vocab = head_weight.shape
     if vocab_chunk <= 0 or vocab_chunk >= vocab:
-        logits = jnp.einsum("btd,dv->btv", hidden, head_weight.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = head_logits(hidden, head_weight)
         lse = jax.nn.logsumexp(logits, axis=-1)
         return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
     vocab_chunk = min(vocab_chunk, vocab)
     pad = (-vocab) % vocab_chunk
-    w = jnp.pad(head_weight, ((0, 0), (0, pad))).astype(hidden.dtype)
+    w = jnp.pad(head_weight, ((0, 0), (0, pad)))  # cast per chunk: its gradient stays float32
     n_chunks = (vocab + pad) // vocab_chunk
     w = w.reshape(d, n_chunks, vocab_chunk).transpose(1, 0, 2)  # [n_chunks, d, chunk]
 
@@ -41,7 +67,7 @@ def chunked_cross_entropy(hidden, head_weight, targets, *, vocab_chunk: int = 81
     def step(carry, xs):
         running_max, running_sum, target_logit = carry
         w_chunk, start = xs
-        logits = jnp.einsum("btd,dv->btv", hidden, w_chunk, preferred_element_type=jnp.float32)
+        logits = head_logits(hidden, w_chunk)
         column = start + jnp.arange(vocab_chunk)
         logits = jnp.where(column < vocab, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, logits.max(-1))
