@@ -305,7 +305,7 @@ def restore_params(path: str, abstract_params, step: int | None = None):
 def abstract_params(model_cfg, shardings=None, **runtime):
     """(graphdef, ShapeDtypeStructs of the params as a pure dict) carrying `shardings` (a
     matching tree), or placed on the first device when none are given. `model_cfg`: a
-    ModelConfig; `runtime`: the model's attention and remat_policy."""
+    ModelConfig; `runtime`: the model's attention, remat_policy and scan_layers."""
     from ctxjax.model import abstract_model
     graphdef, state = nnx.split(abstract_model(model_cfg, **runtime))
     abstract = nnx.to_pure_dict(state)

@@ -34,6 +34,7 @@ from ctxjax.attention.context_parallel import STRATEGIES
 from ctxjax.data.sources import KINDS as SOURCE_KINDS
 
 REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention", "offload")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 PACKINGS = ("first_fit", "concat")
 ROPE_POSITIONS = ("reset", "continuous", "pose")
 LONG_DOCUMENTS = ("split_keep", "split_drop")
@@ -90,10 +91,18 @@ def get_config() -> ml_collections.ConfigDict:
         # window needs), 'all_gather', 'ulysses' (all-to-all to heads), or 'hybrid' (Ulysses over
         # mesh.ulysses inside the ring over mesh.context). docs/context_parallel.md compares them.
         context_strategy="ring",
-        # Activation rematerialisation per layer: 'none', 'full', 'save_matmuls' (keep the
-        # matmul outputs), 'save_attention' (keep attention's output and logsumexp, so the
-        # backward never reruns the attention forward), 'offload' (matmul outputs to host memory).
+        # Activation rematerialisation per layer: 'none', 'full', 'save_attention' (keep
+        # attention's output and logsumexp, so the backward never reruns the attention forward),
+        # 'save_matmuls' (keep those and every matmul output), 'offload' (matmul outputs to host
+        # memory).
         remat="full",
+        # How the layers run: 'scan' (a loop over one compiled block of the layer pattern: fast
+        # compiles), 'unrolled' (each layer compiled in place: what a remat policy keeps is not
+        # copied in and out of the loop's stacked buffers, and on GPUs XLA then keeps attention's
+        # saved output instead of rerunning the kernel; compiles take longer), or 'auto':
+        # unrolled on GPUs when the remat policy keeps activations (all but 'full'), where it
+        # measured faster; scan otherwise ('full' ran as fast scanned, in less memory).
+        layer_loop="auto",
     ))
 
     # ------------------------------------------------------------------ mesh
@@ -389,6 +398,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _require(p.context_strategy in STRATEGIES,
              f"parallel.context_strategy={p.context_strategy!r}; choose one of {STRATEGIES}.")
     _require(p.remat in REMAT_POLICIES, f"parallel.remat={p.remat!r}; choose one of {REMAT_POLICIES}.")
+    _require(p.layer_loop in LAYER_LOOPS, f"parallel.layer_loop={p.layer_loop!r}; choose one of {LAYER_LOOPS}.")
 
     for axis in ("data", "fsdp", "tensor", "context", "ulysses"):
         size = config.mesh[axis]

@@ -38,8 +38,13 @@ class Plan:
     context_strategy: str | None  # None: the sequence is not split
     zigzag_shards: int  # the input is reordered for this many ring shards (1: natural order)
     remat: str
+    scan_layers: bool  # parallel.layer_loop resolved for this platform
     deterministic: bool
     attention: Callable  # (q, k, v, mask: MaskSpec) -> out: what every layer calls
+
+    def model_options(self) -> dict:
+        """What the model is built with: its attention function, remat policy and layer loop."""
+        return dict(attention=self.attention, remat_policy=self.remat_policy(), scan_layers=self.scan_layers)
 
     def remat_policy(self):
         """The jax.checkpoint policy of one layer, or None for no rematerialisation."""
@@ -48,18 +53,21 @@ class Plan:
             return None
         if self.remat == "full":
             return policies.nothing_saveable
+        attention = policies.save_only_these_names(*backends_lib.RESIDUAL_NAMES)
         if self.remat == "save_attention":
-            return policies.save_only_these_names(*backends_lib.RESIDUAL_NAMES)
+            return attention
         if self.remat == "offload" and self.platform != "cpu":
             return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-        return policies.checkpoint_dots_with_no_batch_dims  # save_matmuls (offload on CPU: host = device memory)
+        # save_matmuls (and offload on CPU, where host memory is device memory): the attention
+        # kernel is opaque to the dot policy, so its residuals are named
+        return policies.save_from_both_policies(policies.checkpoint_dots_with_no_batch_dims, attention)
 
     def describe(self, model: ModelConfig, *, skyladder: bool, window_mask: str, seq_len: int) -> list[str]:
         """One line per distinct layer kind: its mask terms and the kernel path it takes."""
         interpreted = " in TPU interpret mode" if self.backend.mosaic and self.platform == "cpu" else ""
         lines = [f"attention: {self.backend.name} ({self.backend.summary}) on {self.platform}{interpreted}"
                  + (f", context parallelism: {self.context_strategy}" if self.context_strategy else "")
-                 + f"; remat: {self.remat}"]
+                 + f"; remat: {self.remat}; layers: {'scan' if self.scan_layers else 'unrolled'}"]
         window = "W" if skyladder else None
         kinds = {}
         for layer, local in enumerate(model.layer_windows()):
@@ -125,7 +133,17 @@ def make_plan(config, mesh, *, window_aware_ring: bool = True) -> Plan:
     attention = make_attention(functions, backend, mesh, strategy, axes, window_aware_ring=window_aware_ring)
     return Plan(backend=backend, platform=device.platform, context_strategy=strategy,
                 zigzag_shards=mesh_lib.zigzag_shards(mesh, p.context_strategy) if context else 1,
-                remat=p.remat, deterministic=p.deterministic, attention=attention)
+                remat=p.remat, deterministic=p.deterministic, attention=attention,
+                scan_layers=scan_layers(p.layer_loop, device.platform, p.remat))
+
+
+def scan_layers(layer_loop: str, platform: str, remat: str) -> bool:
+    """parallel.layer_loop resolved: 'auto' unrolls on GPUs when the remat policy keeps
+    activations, which a scan would copy through stacked buffers (and around which XLA reruns
+    the attention kernel); full remat keeps only each layer's input and ran as fast scanned."""
+    if layer_loop == "auto":
+        return not (platform == "gpu" and remat != "full")
+    return layer_loop == "scan"
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
 def abstract_state(model_cfg: ModelConfig, plan: parallel.Plan, tx, mesh):
     """(graphdef, params, opt_state) as ShapeDtypeStructs carrying their shardings: the whole
     training state without memory or compute (enough to compile the step ahead of time)."""
-    model = abstract_model(model_cfg, attention=plan.attention, remat_policy=plan.remat_policy())
+    model = abstract_model(model_cfg, **plan.model_options())
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
     axes = nnx.to_pure_dict(logical_axes(model))
     mesh_lib.check_divisible(params, axes, mesh)
@@ -64,8 +64,7 @@ def abstract_state(model_cfg: ModelConfig, plan: parallel.Plan, tx, mesh):
 def init_state(model_cfg: ModelConfig, plan: parallel.Plan, tx, seed: int, params_abstract, opt_abstract):
     """(params, opt_state), created directly in their shards (never whole on one device)."""
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-    _, params = init_params(model_cfg, seed, shardings(params_abstract), attention=plan.attention,
-                            remat_policy=plan.remat_policy())
+    _, params = init_params(model_cfg, seed, shardings(params_abstract), **plan.model_options())
     return params, jax.jit(tx.init, out_shardings=shardings(opt_abstract))(params)
 
 

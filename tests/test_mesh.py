@@ -1,5 +1,6 @@
 """Sharded forward+backward (attention as ctxjax.parallel plans it for the mesh) equals the
-1-device result on every mesh shape."""
+1-device result on every mesh shape; the layer loop and the remat policies ctxjax.parallel
+chooses change what is recomputed, never the result."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,3 +82,71 @@ def test_mesh_errors_name_the_sizes():
         mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=-1, tensor=1, context=1)))
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2, context=1)))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "context": 1, "ulysses": 1}
+
+
+def test_unrolled_layers_equal_the_scan():
+    """parallel.layer_loop: the unrolled loop gives the scan's loss, gradients and KV cache, with
+    a layer pattern that leaves a remainder (5 layers of ('local', 'global'))."""
+    cfg = ModelConfig.from_config(tiny_config().model).replace(n_layers=5)
+    batch = random_batch(np.random.default_rng(), b=2)
+    window = jnp.int32(8)
+    results = []
+    for scan in (True, False):
+        graphdef, params = init_params(cfg, seed=1, remat_policy=jax.checkpoint_policies.nothing_saveable,
+                                       scan_layers=scan)
+        loss, grads = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch, window)
+        model = nnx.merge(graphdef, params)
+        from ctxjax.model.llama import KVCache
+        hidden, cache = jax.jit(lambda t: model.hidden_states(t, cache=KVCache.empty(cfg, 2, 40)))(batch["tokens"])
+        results.append((loss, grads, hidden, cache))
+    (loss_a, grads_a, hidden_a, cache_a), (loss_b, grads_b, hidden_b, cache_b) = results
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(hidden_b, hidden_a, rtol=1e-5, atol=1e-6)
+    assert cache_b.k.shape == cache_a.k.shape == (5, 2, 40, cfg.n_kv_heads, cfg.head_dim)
+    np.testing.assert_allclose(cache_b.k, cache_a.k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cache_b.v, cache_a.v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat, reruns", [("full", 1), ("save_attention", 0), ("save_matmuls", 0)])
+def test_remat_policy_decides_whether_attention_forward_reruns(remat, reruns, scan_layers):
+    """Whether the backward reruns attention's forward: only when the policy keeps neither
+    attention's output nor its logsumexp. Counted in the gradient's jaxpr against remat 'none'
+    (the kernel is XLA blockwise, through the same custom VJP as every kernel with halves)."""
+    from pallas_kernels import blockwise
+    from ctxjax.attention import backends
+
+    def attention_forward(q, k, v, mask, *, scale=None):
+        return blockwise.blockwise_attention_fwd(q, k, v, mask, scale=scale)
+
+    functions = backends.Functions(None, jax.jit(attention_forward), blockwise.blockwise_attention_bwd)
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, context=1)), jax.devices()[:1])
+    attention = parallel.make_attention(functions, backends.BACKENDS["xla_blockwise"], mesh, None,
+                                        mesh_lib.attention_axes(mesh))
+    cfg = ModelConfig.from_config(tiny_config().model).replace(layer_pattern=("global",), n_layers=3)
+    batch = random_batch(np.random.default_rng(), b=2, t=16)
+
+    def count(jaxpr):
+        from jax.extend.core import jaxprs_in_params
+        return sum((eqn.params.get("name") == "attention_forward")
+                   + sum(count(sub) for sub in jaxprs_in_params(eqn.params)) for eqn in jaxpr.eqns)
+
+    def forwards(policy):
+        plan = parallel.Plan(backend=backends.BACKENDS["xla_blockwise"], platform="cpu", context_strategy=None,
+                             zigzag_shards=1, remat=policy, scan_layers=scan_layers, deterministic=True,
+                             attention=attention)
+        graphdef, params = init_params(cfg, seed=0, **plan.model_options())
+        return count(jax.make_jaxpr(lambda p: loss_and_grads(graphdef, p, batch, None))(params).jaxpr)
+
+    layers_traced = 1 if scan_layers else cfg.n_layers  # a scan's body is traced once for all layers
+    assert forwards(remat) == forwards("none") + reruns * layers_traced
+
+
+def test_layer_loop_auto_unrolls_only_on_gpus_when_activations_are_kept():
+    assert not parallel.scan_layers("auto", "gpu", "save_matmuls")
+    assert not parallel.scan_layers("auto", "gpu", "save_attention")
+    assert parallel.scan_layers("auto", "gpu", "full")
+    assert parallel.scan_layers("auto", "tpu", "save_matmuls") and parallel.scan_layers("auto", "cpu", "none")
+    assert parallel.scan_layers("scan", "gpu", "save_matmuls") and not parallel.scan_layers("unrolled", "tpu", "full")

@@ -109,13 +109,15 @@ class Block(nnx.Module):
 
 class Llama(nnx.Module):
     """The model. `attention` is the function every layer calls (default: the dense reference,
-    for checks on one device); `remat_policy` a jax.checkpoint policy per layer (None: none)."""
+    for checks on one device); `remat_policy` a jax.checkpoint policy per layer (None: none);
+    `scan_layers` False unrolls the loop over the layer pattern's repetitions."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, attention: AttentionFn = _reference_attention,
-                 remat_policy=None):
+                 remat_policy=None, scan_layers: bool = True):
         self.cfg = cfg
         self.attention = attention
         self.remat_policy = remat_policy
+        self.scan_layers = scan_layers
         d, v, pd = cfg.d_model, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd, cfg.init_std)
 
@@ -194,7 +196,15 @@ class Llama(nnx.Module):
         head = lambda a: a[:repeats * period].reshape(repeats, period, *a.shape[1:])
         new_cache = []
         if repeats:
-            x, ys = jax.lax.scan(run_group, x, jax.tree.map(head, (stacked, layers_cache)))
+            groups = jax.tree.map(head, (stacked, layers_cache))
+            if self.scan_layers:
+                x, ys = jax.lax.scan(run_group, x, groups)
+            else:  # the same groups in a Python loop: what a layer saves for the backward stays in place
+                outputs = []
+                for r in range(repeats):
+                    x, y = run_group(x, jax.tree.map(lambda a: a[r], groups))
+                    outputs.append(y)
+                ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
             new_cache.append(None if ys is None else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), ys))
         if rest:  # layers that do not fill a whole pattern
             x, ys = run_group(x, jax.tree.map(lambda a: a[repeats * period:], (stacked, layers_cache)))
@@ -232,7 +242,7 @@ def abstract_model(cfg: ModelConfig, **runtime) -> Llama:
 def init_params(cfg: ModelConfig, seed: int = 0, shardings=None, **runtime):
     """(graphdef, params as a pure dict), created under jit: fast, and directly in `shardings`
     (a matching tree of shardings) when given, so no device ever holds the whole model.
-    `runtime`: the model's attention and remat_policy."""
+    `runtime`: the model's attention, remat_policy and scan_layers."""
     graphdef = nnx.graphdef(abstract_model(cfg, **runtime))
     create = lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed), **runtime), nnx.Param))
     return graphdef, jax.jit(create, out_shardings=shardings)()
