@@ -35,11 +35,19 @@ def _head_logits_fwd(hidden, weight):
     return head_logits(hidden, weight), (hidden, weight)
 
 
+def _einsum_f32(spec, a, b):
+    """einsum with float32 accumulation and output. XLA's CPU runtime has no bf16 x bf16 -> f32
+    dot for every operand layout, so there the operands are widened first (the same values)."""
+    accumulate = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    widened = lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jax.lax.platform_dependent(a, b, cpu=widened, default=accumulate)
+
+
 def _head_logits_bwd(residuals, g):
     hidden, weight = residuals
     g = g.astype(hidden.dtype)
-    d_hidden = jnp.einsum("...v,dv->...d", g, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    d_weight = jnp.einsum("...d,...v->dv", hidden, g, preferred_element_type=jnp.float32)
+    d_hidden = _einsum_f32("...v,dv->...d", g, weight.astype(hidden.dtype))
+    d_weight = _einsum_f32("...d,...v->dv", hidden, g)
     return d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype)
 
 
