@@ -9,7 +9,8 @@ and imported everywhere else.
 
 Sections:
   model       the architecture (what a checkpoint holds); `ModelConfig.from_config` types it
-  parallel    how it runs: attention backend, determinism, context-parallel strategy, remat
+  parallel    how it runs: attention backend, determinism, context-parallel strategy, remat,
+              layer loop
   mesh        device mesh sizes
   data        sources, tokenizer, packing, positions, curriculum
   optim       AdamW, learning-rate schedule, clipping, accumulation, z-loss

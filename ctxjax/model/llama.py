@@ -5,10 +5,11 @@ embedding -> N x [RMSNorm -> attention (GQA, RoPE) -> residual -> RMSNorm -> Swi
 
 The model names the logical axes of its parameters and activations and calls the attention
 function it was given; it knows no mesh and no kernel (ctxjax/parallel.py builds the attention
-function and the remat policy from the config and the mesh). Layers are stored stacked along a
-leading 'layers' axis and run with lax.scan in blocks of the layer pattern: with a pattern like
-('local', 'local', 'global') one scan step runs three layers, each with its own fixed mask
-terms, so a global layer carries no window term unless the SkyLadder schedule gives one.
+function, the remat policy and the layer loop from the config and the mesh). Layers are stored
+stacked along a leading 'layers' axis and run in blocks of the layer pattern, with lax.scan or
+unrolled: with a pattern like ('local', 'local', 'global') one block runs three layers, each
+with its own fixed mask terms, so a global layer carries no window term unless the SkyLadder
+schedule gives one.
 """
 from __future__ import annotations
 
